@@ -1,0 +1,189 @@
+"""The RKLLama REST API of the user's specification (shared/spec/rkllama-rest-api.md).
+
+Messages and status codes are the spec's, word for word; where the spec is silent, the
+decision is written in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import BadRequest, ModelNotFound, NotFound, RkllamaError
+from ..scheduler import LoadedModel
+from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
+from .common import AppState, app_state, json_object, optional, optional_stop
+
+router = APIRouter()
+
+NO_MODEL = "No model is currently loaded."
+GITHUB_URL = "https://github.com/notpunhnox/rkllama"
+
+
+class NativeError(RkllamaError):
+    """An error whose status differs from its class's default, as the spec wants it."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@router.get("/")
+async def home() -> dict[str, str]:
+    return {"message": "Welcome to RK-LLama!", "github": GITHUB_URL}
+
+
+@router.get("/models")
+async def list_models(state: AppState = Depends(app_state)) -> JSONResponse:
+    if not state.store.exists():
+        raise NativeError(f"The directory {state.settings.display_models_dir} is not found.", 500)
+    return JSONResponse({"models": state.store.names()})
+
+
+@router.post("/load_model")
+async def load_model(request: Request, state: AppState = Depends(app_state)) -> dict[str, str]:
+    data = await json_object(request)
+    name = data.get("model_name")
+    if name is None or name == "":
+        raise BadRequest('Please enter the name of the model to be loaded: {"model_name": "<model>"}.')
+    if not isinstance(name, str):
+        raise BadRequest("'model_name' must be a string.")
+    if state.scheduler.current_model is not None:
+        raise BadRequest("A model is already loaded. Please unload it first.")
+    try:
+        state.store.resolve(name)
+    except ModelNotFound:
+        raise BadRequest(f"Model {name} not found in the /models directory.") from None
+    await state.scheduler.load(name)
+    return {"message": f"Model {name} loaded successfully."}
+
+
+@router.post("/unload_model")
+async def unload_model(state: AppState = Depends(app_state)) -> dict[str, str]:
+    current = state.scheduler.current_model
+    if current is None:
+        raise BadRequest(NO_MODEL)
+    await state.scheduler.unload(current)
+    return {"message": "Model unloaded successfully."}
+
+
+@router.get("/current_model")
+async def current_model(state: AppState = Depends(app_state)) -> dict[str, str]:
+    current = state.scheduler.current_model
+    if current is None:
+        raise NotFound(NO_MODEL)
+    return {"model_name": current}
+
+
+def _messages(value: Any) -> tuple[list[ChatMessage] | None, str | None]:
+    """`messages` is a prompt string or a list of {role, content} chat messages."""
+    if isinstance(value, str):
+        return [ChatMessage(role="user", content=value)], None
+    if isinstance(value, list) and value:
+        messages = []
+        for index, item in enumerate(value):
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("role"), str)
+                or not isinstance(item.get("content", ""), str)
+            ):
+                raise BadRequest(f"'messages[{index}]' must be an object with a string 'role' and a string 'content'.")
+            messages.append(ChatMessage(role=item["role"], content=item.get("content", "")))
+        return messages, None
+    raise BadRequest('\'messages\' is required: a prompt string, or a non-empty list of {"role", "content"} objects.')
+
+
+def parse_generate(data: dict[str, Any]) -> tuple[GenerateRequest, bool]:
+    messages, prompt = _messages(data.get("messages"))
+    stream = optional(data, "stream", bool)
+    options = SamplingOptions(
+        temperature=optional(data, "temperature", float),
+        top_p=optional(data, "top_p", float),
+        top_k=optional(data, "top_k", int),
+        max_tokens=optional(data, "max_tokens", int),
+        seed=optional(data, "seed", int),
+        stop=optional_stop(data),
+    )
+    return GenerateRequest(messages=messages, prompt=prompt, options=options), bool(stream)
+
+
+def _usage(done: DoneEvent | None) -> dict[str, Any]:
+    if done is None:
+        return {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "tokens_per_second": None}
+    usage = done.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "tokens_per_second": round(usage.tokens_per_second, 2),
+    }
+
+
+def _body(created: int, content: str, done: DoneEvent | None) -> dict[str, Any]:
+    finish = None if done is None else ("length" if done.finish_reason == "length" else "stop")
+    return {
+        "id": "rkllm_chat",
+        "object": "rkllm_chat",
+        "created": created,
+        "choices": [{"role": "assistant", "content": content, "finish_reason": finish}],
+        "usage": _usage(done),
+    }
+
+
+@router.post("/generate")
+async def generate(request: Request, state: AppState = Depends(app_state)) -> Any:
+    data = await json_object(request)
+    current = state.scheduler.current_model
+    if current is None:
+        raise BadRequest(NO_MODEL)
+    generate_request, stream = parse_generate(data)
+    model = state.scheduler.get_loaded(current)
+    if model is None:
+        raise BadRequest(NO_MODEL)
+    created = int(time.time())
+    if stream:
+        return StreamingResponse(_stream(state, model, generate_request, created), media_type="text/plain")
+    parts: list[str] = []
+    done: DoneEvent | None = None
+    async for event in state.scheduler.generate(model, generate_request):
+        if isinstance(event, DoneEvent):
+            done = event
+        else:
+            parts.append(event.text)
+    return _body(created, "".join(parts), done)
+
+
+async def _stream(state: AppState, model: LoadedModel, request: GenerateRequest, created: int) -> AsyncIterator[str]:
+    """Each chunk: one JSON object of the documented shape, then a blank line."""
+    try:
+        async for event in state.scheduler.generate(model, request):
+            if isinstance(event, DoneEvent):
+                yield json.dumps(_body(created, "", event)) + "\n\n"
+            else:
+                yield json.dumps(_body(created, event.text, None)) + "\n\n"
+    except RkllamaError as exc:
+        # Headers are gone already: the error becomes the last chunk.
+        yield json.dumps({"error": exc.message}) + "\n\n"
+
+
+@router.api_route("/rm", methods=["POST", "DELETE"])
+async def remove_model(request: Request, state: AppState = Depends(app_state)) -> dict[str, str]:
+    data = await json_object(request)
+    name = data.get("model")
+    if name is None or name == "":
+        raise BadRequest('Please specify a model: {"model": "<model>"}.')
+    if not isinstance(name, str):
+        raise BadRequest("'model' must be a string.")
+    try:
+        entry = state.store.resolve(name)
+    except ModelNotFound:
+        raise NotFound(f"The model: {name} cannot be found.") from None
+    # A loaded model is unloaded first, so its runner lets go of the file.
+    await state.scheduler.unload(entry.name)
+    state.store.delete(entry.name)
+    return {"message": "The model has been successfully deleted."}

@@ -1,0 +1,89 @@
+"""Build the FastAPI app from settings: no module globals, so tests can make many apps."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .api import native
+from .api.common import AppState
+from .errors import RkllamaError
+from .scheduler import Scheduler
+from .settings import Settings
+from .store.default_model import DEFAULT_MODEL_NAME, install_default_model
+from .store.models_dir import ModelStore
+
+log = logging.getLogger("rkllama")
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure becomes JSON with a message; dialects may override by path prefix."""
+
+    @app.exception_handler(RkllamaError)
+    async def on_rkllama_error(request: Request, exc: RkllamaError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(404, f"Not found: {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"Invalid request: {where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("Unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, f"Internal error ({type(exc).__name__}); see the server log for details.")
+
+
+async def _load_startup_model(settings: Settings, store: ModelStore, scheduler: Scheduler) -> None:
+    """--model NAME, else the built-in default (installed on first start into an empty dir)."""
+    name = settings.model
+    if name is None and not settings.no_default:
+        if not store.names():
+            install_default_model(store)
+        name = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in store.names() else None
+    if name is None:
+        return
+    try:
+        await scheduler.load(name)
+    except RkllamaError as exc:
+        # A failed load leaves the server serving.
+        log.error("Could not load model %s at start: %s", name, exc.message)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    store = ModelStore(settings.models_dir)
+    scheduler = Scheduler(store, max_loaded_models=settings.max_loaded_models)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.ensure_exists()
+        await _load_startup_model(settings, store, scheduler)
+        scheduler.start_sweeper()
+        yield
+        await scheduler.shutdown()
+
+    app = FastAPI(title="RKLLama", version=__version__, lifespan=lifespan)
+    app.state.rkllama = AppState(settings=settings, store=store, scheduler=scheduler)
+    install_error_handlers(app)
+    app.include_router(native.router)
+    return app

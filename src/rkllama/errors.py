@@ -1,0 +1,50 @@
+"""Errors that reach clients. Each carries its HTTP status and a message that says what
+was wrong; each dialect renders them in its own error shape in one place."""
+
+from __future__ import annotations
+
+
+class RkllamaError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RkllamaError):
+    status_code = 400
+
+
+class NotFound(RkllamaError):
+    status_code = 404
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"Model {name} not found in the models directory.")
+        self.name = name
+
+
+class Conflict(RkllamaError):
+    status_code = 409
+
+
+class Unauthorized(RkllamaError):
+    status_code = 401
+
+
+class ServerBusy(RkllamaError):
+    status_code = 503
+
+
+class ModelLoadError(BadRequest):
+    """The model could not be loaded (bad file, missing runtime library, ...)."""
+
+
+class RunnerError(RkllamaError):
+    """The runner failed mid-request (crashed, or its engine reported an error).
+
+    502: the server itself is fine, the model process behind it is not."""
+
+    status_code = 502

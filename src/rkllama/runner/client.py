@@ -1,0 +1,208 @@
+"""Server side of a runner: starts the subprocess and talks to it over a socket pair.
+
+Requests to one runner are serialised by a lock (queued in arrival order). If the process
+dies, the request in flight gets a `RunnerError` and `on_exit` tells the scheduler, which
+forgets the model so the next load starts a fresh runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import ModelLoadError, RunnerError
+from ..types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent, Usage
+from .engines.base import LoadSpec
+from .protocol import RUNNER_MODULE, decode, encode
+
+log = logging.getLogger(__name__)
+
+# How long a cancelled request may take to stop before the runner is killed.
+CANCEL_GRACE_SECONDS = 10.0
+
+
+class RunnerProcess:
+    def __init__(self, spec: LoadSpec, on_exit: Callable[[RunnerProcess], None] | None = None) -> None:
+        self.spec = spec
+        self.info: ModelInfo | None = None
+        self._on_exit = on_exit
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self.pending = 0  # requests queued or running, for `ps` and scheduling
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self, timeout: float = 300.0) -> ModelInfo:
+        parent_sock, child_sock = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                RUNNER_MODULE,
+                str(child_sock.fileno()),
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                # Native libraries print to stdout; keep the server's stdout clean.
+                stdout=sys.stderr.fileno(),
+                start_new_session=True,
+            )
+        finally:
+            child_sock.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=parent_sock, limit=2**24)
+        await self._send({"op": "load", "spec": asdict(self.spec)})
+        try:
+            reply = await asyncio.wait_for(self._receive(), timeout)
+        except (TimeoutError, RunnerError) as exc:
+            await self.close()
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else self._exit_reason()
+            raise ModelLoadError(f"Failed to load model {self.spec.name}: the runner {reason}.") from None
+        if reply.get("op") != "ready":
+            await self.close()
+            raise ModelLoadError(f"Failed to load model {self.spec.name}: {reply.get('message')}")
+        self.info = ModelInfo(**reply["info"])
+        asyncio.get_running_loop().create_task(self._watch())
+        return self.info
+
+    async def _watch(self) -> None:
+        assert self._process is not None
+        await self._process.wait()
+        if not self._closing:
+            log.error("Runner for %s %s", self.spec.name, self._exit_reason())
+        if self._on_exit:
+            self._on_exit(self)
+
+    def _exit_reason(self) -> str:
+        code = self._process.returncode if self._process else None
+        if code is None:
+            return "stopped answering"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self._writer is not None
+        try:
+            self._writer.write(encode(message))
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            raise RunnerError(self._died_message()) from None
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self._reader is not None
+        try:
+            line = await self._reader.readline()
+        except (ConnectionError, OSError, ValueError):
+            line = b""
+        if not line:
+            if self._process is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._process.wait(), 2.0)
+            raise RunnerError(self._died_message())
+        return decode(line)
+
+    def _died_message(self) -> str:
+        return (
+            f"The runner of model {self.spec.name} {self._exit_reason()} during the request. "
+            "The model has been unloaded; load it again to continue."
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Stream a completion. Closing the iterator early cancels the request in the runner."""
+        self.pending += 1
+        try:
+            async with self._lock:
+                request_id = next(self._ids)
+                await self._send({"op": "generate", "id": request_id, "request": request.to_dict()})
+                finished = False
+                try:
+                    while True:
+                        message = await self._receive()
+                        kind = message.get("type")
+                        if kind == "token":
+                            yield TokenEvent(text=message["text"])
+                        elif kind == "done":
+                            finished = True
+                            yield DoneEvent(finish_reason=message["finish_reason"], usage=Usage(**message["usage"]))
+                            return
+                        else:
+                            finished = True
+                            raise RunnerError(message.get("message") or "The runner failed.")
+                finally:
+                    if not finished and self.alive:
+                        await self._cancel(request_id)
+        finally:
+            self.pending -= 1
+
+    async def _cancel(self, request_id: int) -> None:
+        """Stop the request and drain its remaining messages, so the next request starts clean."""
+        try:
+            await self._send({"op": "cancel", "id": request_id})
+            async with asyncio.timeout(CANCEL_GRACE_SECONDS):
+                while (await self._receive()).get("type") == "token":
+                    pass
+        except (RunnerError, TimeoutError):
+            log.warning("Runner of %s did not stop after cancel; killing it", self.spec.name)
+            await self.kill()
+
+    async def _call(self, op: str, **fields: Any) -> Any:
+        self.pending += 1
+        try:
+            async with self._lock:
+                request_id = next(self._ids)
+                await self._send({"op": op, "id": request_id, **fields})
+                message = await self._receive()
+                if message.get("type") != "result":
+                    raise RunnerError(message.get("message") or "The runner failed.")
+                return message["value"]
+        finally:
+            self.pending -= 1
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        return EmbedResult(**await self._call("embed", request=asdict(request)))
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self._call("tokenize", text=text)
+
+    async def kill(self) -> None:
+        if self.alive:
+            assert self._process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            await self._process.wait()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Ask the runner to exit, and kill it if it does not: its memory is then freed."""
+        self._closing = True
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.write(encode({"op": "shutdown"}))
+                await self._writer.drain()
+        if self._process is not None and self.alive:
+            try:
+                await asyncio.wait_for(self._process.wait(), timeout)
+            except TimeoutError:
+                await self.kill()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()

@@ -1,0 +1,59 @@
+"""The narrow seam between a runner process and the engine that runs a model.
+
+An engine is created in the runner subprocess from a `LoadSpec`, then serves one request
+at a time. `generate` yields text pieces and ends with exactly one `DoneEvent`; it checks
+`cancel` between tokens (or aborts the native run) so a disconnected client stops work.
+Anything else (llama.cpp's own llama-server, a remote runner) can sit behind this seam
+without the API layer noticing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ...types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
+
+
+@dataclass
+class LoadSpec:
+    """Everything a runner needs to load a model; sent to it as JSON."""
+
+    name: str
+    path: str
+    format: str  # "gguf" or "rkllm"
+    # Modelfile values (upper-case keys), for engine-specific settings such as NUM_CTX.
+    modelfile: dict[str, str] = field(default_factory=dict)
+    # Load-time overrides from the request (e.g. Ollama's num_ctx), by lower-case name.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """A clear, client-facing failure inside the engine (bad grammar, runtime error)."""
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def generate(self, request: GenerateRequest, cancel: threading.Event) -> Iterator[TokenEvent | DoneEvent]: ...
+
+    def embed(self, request: EmbedRequest) -> EmbedResult: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+def create_engine(spec: LoadSpec) -> Engine:
+    """The model file's format picks the engine."""
+    if spec.format == "gguf":
+        from .llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(spec)
+    if spec.format == "rkllm":
+        from .rkllm import RkllmEngine
+
+        return RkllmEngine(spec)
+    raise EngineError(f"No engine for model format {spec.format!r}.")

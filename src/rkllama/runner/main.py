@@ -1,0 +1,112 @@
+"""The runner subprocess: loads one model and serves requests from the server.
+
+A reader thread takes messages off the socket so that a `cancel` reaches the running
+request at once; requests themselves run one at a time on the main thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+from ..types import EmbedRequest, GenerateRequest
+from .engines.base import Engine, EngineError, LoadSpec, create_engine
+from .protocol import decode, encode
+
+log = logging.getLogger("rkllama.runner")
+
+
+class Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        self._send_lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._send_lock:
+            self._sock.sendall(encode(message))
+
+    def receive(self) -> dict[str, Any] | None:
+        line = self._reader.readline()
+        return decode(line) if line else None
+
+
+def _serve_one(engine: Engine, message: dict[str, Any], cancel: threading.Event, conn: Connection) -> None:
+    request_id = message["id"]
+    op = message["op"]
+    try:
+        if op == "generate":
+            request = GenerateRequest.from_dict(message["request"])
+            for event in engine.generate(request, cancel):
+                conn.send({"id": request_id, **asdict(event)})
+        elif op == "embed":
+            result = engine.embed(EmbedRequest(**message["request"]))
+            conn.send({"id": request_id, "type": "result", "value": asdict(result)})
+        elif op == "tokenize":
+            conn.send({"id": request_id, "type": "result", "value": engine.tokenize(message["text"])})
+        else:
+            conn.send({"id": request_id, "type": "error", "message": f"Unknown operation {op!r}."})
+    except EngineError as exc:
+        conn.send({"id": request_id, "type": "error", "message": str(exc)})
+    except Exception as exc:  # the runner must answer, whatever the engine did
+        traceback.print_exc()
+        conn.send({"id": request_id, "type": "error", "message": f"{type(exc).__name__}: {exc}"})
+
+
+def serve(conn: Connection) -> int:
+    first = conn.receive()
+    if first is None or first.get("op") != "load":
+        return 2
+    try:
+        engine = create_engine(LoadSpec(**first["spec"]))
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+        conn.send({"op": "load_error", "message": message})
+        return 1
+    conn.send({"op": "ready", "info": asdict(engine.info)})
+
+    work: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    cancels: dict[int, threading.Event] = {}
+    cancels_lock = threading.Lock()
+
+    def read_loop() -> None:
+        while (message := conn.receive()) is not None:
+            if message.get("op") == "cancel":
+                with cancels_lock:
+                    cancels.setdefault(message["id"], threading.Event()).set()
+            elif message.get("op") == "shutdown":
+                break
+            else:
+                work.put(message)
+        work.put(None)  # server gone or asked us to stop
+
+    threading.Thread(target=read_loop, daemon=True).start()
+    while (message := work.get()) is not None:
+        with cancels_lock:
+            cancel = cancels.setdefault(message["id"], threading.Event())
+        _serve_one(engine, message, cancel, conn)
+        with cancels_lock:
+            cancels.pop(message["id"], None)
+    engine.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="RKLLama model runner (started by the server).")
+    parser.add_argument("fd", type=int, help="socket file descriptor inherited from the server")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RKLLAMA_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr)
+    sock = socket.socket(fileno=args.fd)
+    return serve(Connection(sock))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

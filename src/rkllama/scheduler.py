@@ -1,0 +1,172 @@
+"""The scheduler alone owns which models are loaded.
+
+Each loaded model has one runner subprocess. Requests for a model queue on its runner.
+The native API keeps RKLLama's single "current model" (the most recently loaded one);
+the Ollama/OpenAI dialects may name any model, which is then loaded on demand, evicting
+the least recently used idle model when `max_loaded_models` is reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from .errors import ModelLoadError, RunnerError, ServerBusy
+from .runner.client import RunnerProcess
+from .runner.engines.base import LoadSpec
+from .store.models_dir import ModelEntry, ModelStore
+from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
+
+log = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[LoadSpec, Callable[[RunnerProcess], None]], RunnerProcess]
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    runner: RunnerProcess
+    info: ModelInfo
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    # Monotonic deadline after which an idle model is unloaded; None keeps it loaded.
+    expires_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def busy(self) -> bool:
+        return self.runner.pending > 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: ModelStore,
+        max_loaded_models: int = 1,
+        runner_factory: RunnerFactory | None = None,
+    ) -> None:
+        self.store = store
+        self.max_loaded_models = max(1, max_loaded_models)
+        self._runner_factory = runner_factory or (lambda spec, on_exit: RunnerProcess(spec, on_exit))
+        self._loaded: dict[str, LoadedModel] = {}
+        self._load_lock = asyncio.Lock()
+        self._current: str | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- what is loaded -------------------------------------------------------------
+    @property
+    def current_model(self) -> str | None:
+        return self._current if self._current in self._loaded else None
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def get_loaded(self, name: str) -> LoadedModel | None:
+        return self._loaded.get(name)
+
+    # --- load / unload --------------------------------------------------------------
+    async def load(self, name: str, overrides: dict | None = None) -> LoadedModel:
+        """Load `name` (a model in the store) unless it is already loaded."""
+        entry = self.store.resolve(name)
+        async with self._load_lock:
+            existing = self._loaded.get(entry.name)
+            if existing is not None and existing.runner.alive:
+                self._current = entry.name
+                return existing
+            await self._make_room()
+            spec = LoadSpec(
+                name=entry.name,
+                path=str(entry.path),
+                format=entry.format,
+                modelfile=dict(entry.modelfile.values),
+                overrides=dict(overrides or {}),
+            )
+            runner = self._runner_factory(spec, self._runner_exited)
+            started = time.monotonic()
+            info = await runner.start()
+            model = LoadedModel(entry=entry, runner=runner, info=info, load_seconds=time.monotonic() - started)
+            self._loaded[entry.name] = model
+            self._current = entry.name
+            log.info("Loaded %s (%s) in %.2fs", entry.name, info.engine, model.load_seconds)
+            return model
+
+    async def _make_room(self) -> None:
+        while len(self._loaded) >= self.max_loaded_models:
+            idle = sorted((m for m in self._loaded.values() if not m.busy), key=lambda m: m.last_used)
+            if not idle:
+                raise ServerBusy(
+                    "Server busy: every loaded model is answering requests. Retry shortly, "
+                    "or start the server with a higher --max-loaded-models."
+                )
+            await self.unload(idle[0].name)
+
+    async def unload(self, name: str) -> bool:
+        model = self._loaded.pop(name, None)
+        if model is None:
+            return False
+        if self._current == name:
+            self._current = None
+        await model.runner.close()
+        log.info("Unloaded %s", name)
+        return True
+
+    async def unload_all(self) -> None:
+        for name in list(self._loaded):
+            await self.unload(name)
+
+    def _runner_exited(self, runner: RunnerProcess) -> None:
+        for name, model in list(self._loaded.items()):
+            if model.runner is runner:
+                del self._loaded[name]
+                if self._current == name:
+                    self._current = None
+                log.warning("Model %s is no longer loaded: its runner exited", name)
+
+    # --- keep-alive -----------------------------------------------------------------
+    def set_keep_alive(self, name: str, seconds: float | None) -> None:
+        """None keeps the model loaded; a number unloads it that long after its last use."""
+        model = self._loaded.get(name)
+        if model is not None:
+            model.expires_at = None if seconds is None else time.monotonic() + max(0.0, seconds)
+
+    def start_sweeper(self, interval: float = 1.0) -> None:
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                now = time.monotonic()
+                for model in list(self._loaded.values()):
+                    if model.expires_at is not None and model.expires_at <= now and not model.busy:
+                        await self.unload(model.name)
+
+        self._sweeper = asyncio.get_running_loop().create_task(sweep())
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.unload_all()
+
+    # --- work -----------------------------------------------------------------------
+    async def generate(self, model: LoadedModel, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
+        model.last_used = time.monotonic()
+        try:
+            async for event in model.runner.generate(request):
+                yield event
+        finally:
+            model.last_used = time.monotonic()
+
+    async def embed(self, model: LoadedModel, request: EmbedRequest) -> EmbedResult:
+        model.last_used = time.monotonic()
+        return await model.runner.embed(request)
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "RunnerError", "Scheduler"]
