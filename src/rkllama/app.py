@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api import native
+from .api import native, native_pull, ollama, openai
 from .api.common import AppState
 from .errors import RkllamaError
 from .scheduler import Scheduler
@@ -27,31 +27,43 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+ErrorRenderer = Callable[[int, str], JSONResponse]
+# Dialects whose error shape differs register a renderer for their path prefix.
+ERROR_RENDERERS: dict[str, ErrorRenderer] = {"/v1/": openai.render_error} if hasattr(openai, "render_error") else {}
+
+
+def render_error(request: Request, status: int, message: str) -> JSONResponse:
+    for prefix, renderer in ERROR_RENDERERS.items():
+        if request.url.path.startswith(prefix):
+            return renderer(status, message)
+    return error_response(status, message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure becomes JSON with a message; dialects may override by path prefix."""
 
     @app.exception_handler(RkllamaError)
     async def on_rkllama_error(request: Request, exc: RkllamaError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message)
+        return render_error(request, exc.status_code, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(404, f"Not found: {request.method} {request.url.path}")
+            return render_error(request, 404, f"Not found: {request.method} {request.url.path}")
         if exc.status_code == 405:
-            return error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
-        return error_response(exc.status_code, str(exc.detail))
+            return render_error(request, 405, f"Method {request.method} is not allowed on {request.url.path}.")
+        return render_error(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(400, f"Invalid request: {where}: {first.get('msg', 'invalid value')}")
+        return render_error(request, 400, f"Invalid request: {where}: {first.get('msg', 'invalid value')}")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("Unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, f"Internal error ({type(exc).__name__}); see the server log for details.")
+        return render_error(request, 500, f"Internal error ({type(exc).__name__}); see the server log for details.")
 
 
 async def _load_startup_model(settings: Settings, store: ModelStore, scheduler: Scheduler) -> None:
@@ -86,4 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.rkllama = AppState(settings=settings, store=store, scheduler=scheduler)
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(native_pull.router)
+    app.include_router(ollama.router)
+    app.include_router(openai.router)
     return app
