@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
+import anyio
+
 from ..errors import ModelLoadError, RunnerError
 from ..types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent, Usage
 from .engines.base import LoadSpec
@@ -137,7 +139,7 @@ class RunnerProcess:
                 finished = False
                 try:
                     while True:
-                        message = await self._receive()
+                        message = await self._receive_for(request_id)
                         kind = message.get("type")
                         if kind == "token":
                             yield TokenEvent(text=message["text"])
@@ -150,17 +152,34 @@ class RunnerProcess:
                             raise RunnerError(message.get("message") or "The runner failed.")
                 finally:
                     if not finished and self.alive:
-                        await self._cancel(request_id)
+                        # The client went away (or the task was cancelled): stop the runner's
+                        # work. Shielded, since awaits in a cancelled scope would be cancelled too.
+                        with anyio.CancelScope(shield=True):
+                            await self._cancel(request_id)
         finally:
             self.pending -= 1
+
+    async def _receive_for(self, request_id: int) -> dict[str, Any]:
+        """The next message of this request; leftovers of an earlier one are dropped."""
+        while True:
+            message = await self._receive()
+            if message.get("id") == request_id:
+                return message
 
     async def _cancel(self, request_id: int) -> None:
         """Stop the request and drain its remaining messages, so the next request starts clean."""
         try:
             await self._send({"op": "cancel", "id": request_id})
             async with asyncio.timeout(CANCEL_GRACE_SECONDS):
-                while (await self._receive()).get("type") == "token":
+                while (message := await self._receive_for(request_id)).get("type") == "token":
                     pass
+            if message.get("type") == "done":
+                log.info(
+                    "Request %d on %s cancelled; the runner stopped after %d tokens",
+                    request_id,
+                    self.spec.name,
+                    message["usage"]["completion_tokens"],
+                )
         except (RunnerError, TimeoutError):
             log.warning("Runner of %s did not stop after cancel; killing it", self.spec.name)
             await self.kill()
@@ -171,7 +190,7 @@ class RunnerProcess:
             async with self._lock:
                 request_id = next(self._ids)
                 await self._send({"op": op, "id": request_id, **fields})
-                message = await self._receive()
+                message = await self._receive_for(request_id)
                 if message.get("type") != "result":
                     raise RunnerError(message.get("message") or "The runner failed.")
                 return message["value"]
