@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import BadRequest, ModelNotFound, NotFound, RkllamaError
+from ..errors import BadRequest, Conflict, ModelNotFound, NotFound, RkllamaError
 from ..scheduler import LoadedModel
+from ..store.pulls import is_being_pulled
 from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
 from .common import AppState, app_state, json_object, optional, optional_stop
 
@@ -179,6 +180,8 @@ async def remove_model(request: Request, state: AppState = Depends(app_state)) -
         raise BadRequest('Please specify a model: {"model": "<model>"}.')
     if not isinstance(name, str):
         raise BadRequest("'model' must be a string.")
+    if is_being_pulled(state.store, name):
+        raise Conflict(f"The model {name} is being pulled; wait for the pull to finish, then delete it.")
     try:
         entry = state.store.resolve(name)
     except ModelNotFound:

@@ -1,28 +1,98 @@
-"""Model pulls from Hugging Face (issue #4 completes this module).
+"""Model pulls from Hugging Face.
 
 Interface used by the dialect layers:
     parse_pull_ref("hf/user/repo/file.gguf") -> PullRef(repo_id="user/repo", filename="file.gguf")
     async for progress in pull_model(store, ref): ...   # PullProgress events
 Failures raise PullError, whose message is shown as "Error during download: <message>".
+
+Where a pulled model goes: a folder named after the file's stem (`file.gguf` -> `file/`) holding
+the file and a Modelfile with FROM="<file>" and HUGGINGFACE_PATH="<user/repo>". For `.rkllm`
+files the repo's tokenizer files are fetched into the folder too (best effort), so the rkllm
+engine works offline.
+
+Nothing half-done is visible: bytes go to `<models>/.pulls/<name>.<etag>.part` (a dot-dir, never
+listed), are checked against the hub's size and sha256, and the finished folder is renamed into
+place in one step. A pull cut off by the network (or by the client going away) keeps its `.part`
+file and resumes from it on the next try; any other failure deletes it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
+import hashlib
+import logging
+import re
+import shutil
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers
 
 from ..errors import BadRequest
-from .models_dir import ModelStore
+from .modelfile import MODELFILE_NAME, Modelfile, read_modelfile
+from .models_dir import MODEL_SUFFIXES, ModelStore, check_model_name
+from .pulls import registry_for
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".pulls"
+# Files the rkllm engine reads next to the model (tokenizer and chat template).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "config.json",
+)
+# 1 MB reads instead of the library's 10 MB, so progress advances smoothly and memory stays low.
+constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
+_POLL_SECONDS = 0.2
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 
 
 class PullError(BadRequest):
     pass
 
 
+class _PullCancelled(Exception):
+    """Raised in the download thread when the client went away."""
+
+
 @dataclass
 class PullRef:
     repo_id: str
     filename: str
+
+    @property
+    def basename(self) -> str:
+        return Path(self.filename).name
+
+    @property
+    def model_name(self) -> str:
+        """The folder the model is installed in, and the name it is listed under."""
+        return Path(self.filename).stem
 
 
 @dataclass
@@ -42,9 +112,329 @@ def parse_pull_ref(ref: object) -> PullRef:
         parts = parts[1:]
     if len(parts) < 3:
         raise PullError(f"Invalid model path {ref!r}: expected hf/username/repo/file (or username/repo/file).")
-    return PullRef(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+    if any(p in {".", ".."} or "\\" in p or "\x00" in p for p in parts):
+        raise PullError(f"Invalid model path {ref!r}: '.', '..' and '\\' are not allowed in a Hugging Face path.")
+    pull_ref = PullRef(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+    if Path(pull_ref.filename).suffix.lower() not in MODEL_SUFFIXES:
+        raise PullError(f"Cannot pull {pull_ref.filename}: only .gguf and .rkllm model files can be pulled.")
+    check_model_name(pull_ref.model_name)
+    return pull_ref
+
+
+# --- what the hub says about a file ---------------------------------------------------------
+
+
+@dataclass
+class RemoteFile:
+    filename: str
+    url: str  # where to GET the bytes (the hub's redirect target for LFS files)
+    size: int
+    etag: str  # sha256 for LFS files, the git blob sha1 otherwise
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _endpoint() -> str:
+    return constants.ENDPOINT
+
+
+def explain(exc: BaseException, ref: PullRef) -> str:
+    """A message a person can act on, for any failure of a hub request."""
+    endpoint = _endpoint()
+    if isinstance(exc, GatedRepoError):
+        return (
+            f"{ref.repo_id} is a gated repository: accept its terms at {endpoint}/{ref.repo_id} and set HF_TOKEN "
+            "(in the server's environment) to a token of that account."
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return (
+            f"Repository {ref.repo_id} not found on {endpoint}. Check the name; if the repository is private, "
+            "set HF_TOKEN (in the server's environment) to a token that can read it."
+        )
+    if isinstance(exc, RevisionNotFoundError | RemoteEntryNotFoundError):
+        return (
+            f"File {ref.filename} not found in {ref.repo_id}. Check the file name "
+            f"(the repository's files are listed at {endpoint}/{ref.repo_id}/tree/main)."
+        )
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            return f"Access to {ref.repo_id} was refused ({status}): set HF_TOKEN to a token that can read it."
+        return f"{endpoint} answered {status} for {ref.repo_id}/{ref.filename}; retry later."
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "Hugging Face offline mode is on (HF_HUB_OFFLINE): unset it to pull models."
+    if isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError):
+        return f"Cannot reach {endpoint} ({type(exc).__name__}: {exc}). Check the network connection or HF_ENDPOINT."
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "The disk is full: free some space (e.g. rkllama rm <model>) and pull again."
+    return f"{type(exc).__name__}: {exc}"
+
+
+def fetch_metadata(ref: PullRef, filename: str | None = None) -> RemoteFile:
+    """HEAD the file on the hub (HF_ENDPOINT and HF_TOKEN are honoured by huggingface_hub)."""
+    name = filename or ref.filename
+    url = hf_hub_url(ref.repo_id, name)
+    try:
+        meta = get_hf_file_metadata(url)
+    except Exception as exc:  # every hub failure becomes a message a person can act on
+        raise PullError(explain(exc, PullRef(ref.repo_id, name))) from None
+    if meta.etag is None or meta.size is None:
+        raise PullError(f"{_endpoint()} sent no ETag or size for {name}: is HF_ENDPOINT a Hugging Face hub?")
+    headers = build_hf_headers()
+    if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+        # Like huggingface_hub: the token never goes to the CDN.
+        headers.pop("authorization", None)
+    return RemoteFile(filename=name, url=meta.location, size=meta.size, etag=meta.etag, headers=headers)
+
+
+# --- downloading in a worker thread ---------------------------------------------------------
+
+
+@dataclass
+class _Watch:
+    """Shared between the download thread (writer) and the event loop (reader)."""
+
+    total: int
+    completed: int = 0
+    phase: str = "downloading"
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _ProgressSink:
+    """Stands in for tqdm in `http_get`: counts bytes, and stops the download on cancel."""
+
+    def __init__(self, watch: _Watch, initial: int = 0, **_: object) -> None:
+        self.watch = watch
+        watch.completed = initial
+
+    def __enter__(self) -> _ProgressSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int | float = 1) -> None:
+        self.watch.completed += int(n)
+        if self.watch.cancel.is_set():
+            raise _PullCancelled()
+
+
+def file_digest(path: Path, etag: str) -> str | None:
+    """The digest of `path` in the etag's kind (sha256, or git blob sha1), None if unknown."""
+    if _SHA256.fullmatch(etag):
+        digest = hashlib.sha256()
+    elif _GIT_SHA1.fullmatch(etag):
+        digest = hashlib.sha1()  # noqa: S324 - git's blob id, not a security check
+        digest.update(f"blob {path.stat().st_size}\0".encode())
+    else:
+        return None
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, remote: RemoteFile) -> None:
+    size = path.stat().st_size
+    if size != remote.size:
+        raise PullError(f"{remote.filename}: got {size} bytes, the hub says {remote.size}; pull again.")
+    actual = file_digest(path, remote.etag)
+    if actual is not None and actual != remote.etag:
+        raise PullError(
+            f"{remote.filename}: checksum mismatch (got {actual}, the hub says {remote.etag}); "
+            "the download was discarded, pull again."
+        )
+
+
+def _download(remote: RemoteFile, part: Path, watch: _Watch) -> None:
+    """Append the missing bytes of `remote` to `part` (resuming from its size), then verify."""
+    resume = part.stat().st_size if part.exists() else 0
+    if resume > remote.size:
+        part.unlink()
+        resume = 0
+    watch.completed = resume
+    with part.open("r+b" if resume else "wb") as handle:
+        handle.seek(resume)
+        http_get(
+            remote.url,
+            handle,
+            resume_size=resume,
+            headers=remote.headers,
+            expected_size=remote.size,
+            displayed_filename=remote.filename,
+            tqdm_class=functools.partial(_ProgressSink, watch),  # type: ignore[arg-type]
+        )
+    watch.phase = "verifying"
+    _verify(part, remote)
+
+
+def _resumable(exc: BaseException) -> bool:
+    """Failures worth keeping the partial file for: the network, or the client leaving."""
+    if isinstance(exc, _PullCancelled | httpx2.TransportError | ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code >= 500
+
+
+def _write_modelfile(folder: Path, ref: PullRef) -> None:
+    """FROM and HUGGINGFACE_PATH record the origin; other keys a user set are kept on update."""
+    existing = read_modelfile(folder / MODELFILE_NAME)
+    values = {"FROM": ref.basename, "HUGGINGFACE_PATH": ref.repo_id}
+    values.update({k: v for k, v in existing.values.items() if k not in values})
+    temp = folder / f".{MODELFILE_NAME}.tmp"
+    temp.write_text(Modelfile(values).render(), encoding="utf-8")
+    temp.replace(folder / MODELFILE_NAME)
+
+
+def _fetch_tokenizer_files(ref: PullRef, folder: Path) -> None:
+    """Best effort: a repo without tokenizer files, or a failure here, only logs a warning."""
+    try:
+        infos = HfApi().get_paths_info(ref.repo_id, list(TOKENIZER_FILES))
+    except Exception as exc:
+        log.warning("No tokenizer files for %s: %s", ref.repo_id, explain(exc, ref))
+        return
+    for info in infos:
+        if not isinstance(info, RepoFile):
+            continue
+        try:
+            remote = fetch_metadata(ref, info.path)
+            part = folder / f".{Path(info.path).name}.part"
+            _download(remote, part, _Watch(total=remote.size))
+            part.replace(folder / Path(info.path).name)
+        except Exception as exc:
+            log.warning("Could not fetch %s from %s: %s", info.path, ref.repo_id, exc)
+            (folder / f".{Path(info.path).name}.part").unlink(missing_ok=True)
+
+
+def _owned_by(folder: Path, ref: PullRef) -> bool:
+    modelfile = read_modelfile(folder / MODELFILE_NAME)
+    return modelfile.get("HUGGINGFACE_PATH") == ref.repo_id and modelfile.get("FROM") in (None, "", ref.basename)
+
+
+def check_target(store: ModelStore, ref: PullRef) -> None:
+    """Refuse to overwrite a model of the same name that came from somewhere else."""
+    target = store.root / ref.model_name
+    if target.is_symlink() or target.is_file() or (target.is_dir() and not _owned_by(target, ref)):
+        raise PullError(
+            f"A model named {ref.model_name} already exists and did not come from {ref.repo_id}/{ref.basename}: "
+            f"remove it first (rkllama rm {ref.model_name})."
+        )
+
+
+def _install(store: ModelStore, ref: PullRef, part: Path) -> None:
+    """Move the verified file into place: a new folder appears in one rename."""
+    target = store.root / ref.model_name
+    if target.is_dir():
+        part.replace(target / ref.basename)
+        _write_modelfile(target, ref)
+        return
+    build = part.with_name(f"{ref.model_name}.build")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
+    part.replace(build / ref.basename)
+    _write_modelfile(build, ref)
+    if ref.basename.lower().endswith(".rkllm"):
+        _fetch_tokenizer_files(ref, build)
+    build.rename(target)
+
+
+def _up_to_date(store: ModelStore, ref: PullRef, remote: RemoteFile) -> bool:
+    installed = store.root / ref.model_name / ref.basename
+    return (
+        installed.is_file()
+        and installed.stat().st_size == remote.size
+        and file_digest(installed, remote.etag) in (remote.etag, None)
+    )
+
+
+def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _Watch) -> None:
+    with registry_for(store).target_lock(ref.model_name):
+        check_target(store, ref)
+        if _up_to_date(store, ref, remote):
+            watch.completed = remote.size
+            return
+        staging = store.root / STAGING_DIR
+        staging.mkdir(exist_ok=True)
+        part = _part_path(store, ref, remote)
+        try:
+            check_disk_space(store, ref, remote)
+            _download(remote, part, watch)
+            watch.phase = "installing"
+            _install(store, ref, part)
+        except BaseException as exc:
+            if not _resumable(exc):
+                part.unlink(missing_ok=True)
+            if isinstance(exc, PullError):
+                raise
+            if isinstance(exc, _PullCancelled):
+                raise PullError(f"The pull of {ref.basename} was cancelled; pull again to resume.") from None
+            message = explain(exc, ref)
+            if _resumable(exc):
+                message += " Pull again to resume the download."
+            raise PullError(message) from None
+        finally:
+            _remove_if_empty(staging)
+
+
+def check_disk_space(store: ModelStore, ref: PullRef, remote: RemoteFile) -> None:
+    part = _part_path(store, ref, remote)
+    missing = remote.size - (part.stat().st_size if part.exists() else 0)
+    free = shutil.disk_usage(store.root).free
+    if missing > free:
+        raise PullError(
+            f"Not enough disk space for {ref.basename}: {missing / 1e6:.0f} MB needed, "
+            f"{free / 1e6:.0f} MB free in {store.root}. Free some space (e.g. rkllama rm <model>) and pull again."
+        )
+
+
+def _part_path(store: ModelStore, ref: PullRef, remote: RemoteFile) -> Path:
+    # The etag in the name: a file changed upstream never resumes onto old bytes.
+    return store.root / STAGING_DIR / f"{ref.model_name}.{remote.etag[:16]}.part"
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+# --- the async face -------------------------------------------------------------------------
 
 
 async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgress]:
-    raise PullError("Pulling models is not available yet.")
-    yield  # pragma: no cover
+    """Pull `ref` into `store`, yielding progress while a worker thread downloads.
+
+    Errors found before any byte is written (bad path, repo or file not found, gated, network
+    down, name taken) raise PullError before the first "downloading" event. Closing the
+    iterator early cancels the download and keeps its partial file for the next try."""
+    yield PullProgress("pulling manifest", ref.filename)
+    store.ensure_exists()
+    check_target(store, ref)
+    remote = await asyncio.to_thread(fetch_metadata, ref)
+    check_disk_space(store, ref, remote)
+    part = _part_path(store, ref, remote)
+    watch = _Watch(total=remote.size, completed=part.stat().st_size if part.exists() else 0)
+    registry = registry_for(store)
+    registry.begin(ref.model_name)
+    loop = asyncio.get_running_loop()
+    try:
+        future = loop.run_in_executor(None, _pull_blocking, store, ref, remote, watch)
+    except BaseException:
+        registry.end(ref.model_name)
+        raise
+    # The thread, not this generator, ends the "being pulled" mark: it may outlive a cancelled client.
+    future.add_done_callback(lambda _: registry.end(ref.model_name))
+    try:
+        last: tuple[str, int] | None = None
+        while True:
+            status = "verifying sha256 digest" if watch.phase != "downloading" else "downloading"
+            if (status, watch.completed) != last:
+                last = (status, watch.completed)
+                yield PullProgress(status, ref.filename, total=remote.size, completed=min(watch.completed, remote.size))
+            if future.done():
+                break
+            await asyncio.wait({future}, timeout=_POLL_SECONDS)
+        future.result()
+        yield PullProgress("success", ref.filename, total=remote.size, completed=remote.size, model_name=ref.model_name)
+    finally:
+        if not future.done():
+            watch.cancel.set()
