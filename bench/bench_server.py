@@ -1,0 +1,274 @@
+"""Decode speed, concurrent throughput and memory of RKLLama against its peers, measured
+in one run on the same GGUF with the same threads:
+
+- llama-cpp-python called directly (the library our llama.cpp engine drives),
+- llama.cpp's own llama-server (build it with bench/build_llama_server.sh), if present.
+
+Prints a markdown table of absolute figures and ratios; --record appends it, with the
+command, to bench/RESULTS.md. Timing is taken by the client, from the first streamed token
+to the last, so every contender is measured the same way.
+
+    .venv/bin/python bench/bench_server.py --tokens 128 --runs 3 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from rkllama.chat_template import render_chat  # noqa: E402
+from rkllama.runner.engines.llamacpp import _avoid_amx_weight_buffers, _cpu_has_amx  # noqa: E402
+from rkllama.store.default_model import DEFAULT_MODEL_NAME, install_default_model  # noqa: E402
+from rkllama.store.models_dir import ModelStore  # noqa: E402
+from rkllama.types import ChatMessage  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a long story about a dragon who learns to bake bread."
+N_CTX = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def decode_rate(stamps: list[float], tokens: int) -> float:
+    """Tokens per second after the first token (prompt processing excluded)."""
+    if tokens < 2 or len(stamps) < 2 or stamps[-1] <= stamps[0]:
+        return float("nan")
+    return (tokens - 1) / (stamps[-1] - stamps[0])
+
+
+# --- contenders ---------------------------------------------------------------------------
+
+
+def direct_llama_cpp(gguf: Path, threads: int, tokens: int, runs: int) -> tuple[float, float]:
+    from llama_cpp import Llama
+
+    _avoid_amx_weight_buffers()
+    llm = Llama(str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+    text = render_chat(llm.metadata.get("tokenizer.chat_template"), [ChatMessage("user", PROMPT)])
+    prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+    rates = []
+    for _ in range(runs):
+        llm.reset()
+        stamps: list[float] = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            stamps.append(time.perf_counter())
+            if len(stamps) >= tokens:
+                break
+            del token
+        rates.append(decode_rate(stamps, len(stamps)))
+    rss = rss_mib(os.getpid())
+    llm.close()
+    return statistics.median(rates), rss
+
+
+def stream_rkllama(base: str, tokens: int) -> tuple[int, list[float]]:
+    stamps: list[float] = []
+    count = 0
+    body = {"messages": PROMPT, "stream": True, "max_tokens": tokens, "temperature": 0, "top_k": 1}
+    with httpx.stream("POST", f"{base}/generate", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if not line:
+                continue
+            chunk = json.loads(line)
+            if chunk["choices"][0]["content"]:
+                stamps.append(time.perf_counter())
+            if chunk["choices"][0]["finish_reason"]:
+                count = chunk["usage"]["completion_tokens"]
+    return count, stamps
+
+
+def stream_llama_server(base: str, prompt: str, tokens: int) -> tuple[int, list[float]]:
+    stamps: list[float] = []
+    count = 0
+    body = {"prompt": prompt, "n_predict": tokens, "temperature": 0, "top_k": 1, "stream": True, "cache_prompt": True}
+    with httpx.stream("POST", f"{base}/completion", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("content"):
+                stamps.append(time.perf_counter())
+            if chunk.get("stop"):
+                count = chunk.get("timings", {}).get("predicted_n", len(stamps))
+    return count, stamps
+
+
+def measure(stream: Callable[[], tuple[int, list[float]]], runs: int) -> float:
+    return statistics.median(decode_rate(stamps, count) for count, stamps in (stream() for _ in range(runs)))
+
+
+def aggregate(stream: Callable[[], tuple[int, list[float]]], streams: int) -> float:
+    """Total tokens per second of `streams` requests sent at once."""
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        count, _ = stream()
+        with lock:
+            results.append(count)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=one) for _ in range(streams)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(results) / (time.perf_counter() - started)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def run_rkllama(models: Path, threads: int, tokens: int, runs: int, streams: int) -> dict[str, float]:
+    port = free_port()
+    env = {**os.environ, "RKLLAMA_LOG_LEVEL": "warning"}
+    folder = models / DEFAULT_MODEL_NAME
+    (folder / "Modelfile").write_text(
+        (folder / "Modelfile").read_text() + f'NUM_THREAD="{threads}"\nNUM_CTX="{N_CTX}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rkllama", "serve", "--port", str(port), "--models", str(models)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/current_model")
+        stream_rkllama(base, 8)  # warm-up
+        rate = measure(lambda: stream_rkllama(base, tokens), runs)
+        agg = aggregate(lambda: stream_rkllama(base, tokens), streams)
+        runner_rss = sum(rss_mib(p) for p in children(proc.pid))
+        return {"decode": rate, "aggregate": agg, "rss": runner_rss, "server_rss": rss_mib(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_llama_server(
+    binary: Path, gguf: Path, prompt: str, threads: int, tokens: int, runs: int, streams: int
+) -> dict[str, float]:
+    port = free_port()
+    args = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        str(N_CTX * streams),
+        "-np",
+        str(streams),
+    ]
+    if _cpu_has_amx():
+        args.append("--no-repack")  # as our runner: AMX weight buffers crash here
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/health")
+        stream_llama_server(base, prompt, 8)
+        rate = measure(lambda: stream_llama_server(base, prompt, tokens), runs)
+        agg = aggregate(lambda: stream_llama_server(base, prompt, tokens), streams)
+        return {"decode": rate, "aggregate": agg, "rss": rss_mib(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--llama-server", type=Path, default=ROOT / "bench" / "work" / "llama-server")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)
+        install_default_model(ModelStore(models))
+        gguf = next((models / DEFAULT_MODEL_NAME).glob("*.gguf"))
+        direct_rate, direct_rss = direct_llama_cpp(gguf, args.threads, args.tokens, args.runs)
+        ours = run_rkllama(models, args.threads, args.tokens, args.runs, args.streams)
+        peer = None
+        if args.llama_server.exists():
+            from llama_cpp import Llama
+
+            meta = Llama(str(gguf), vocab_only=True, verbose=False).metadata
+            prompt = render_chat(meta.get("tokenizer.chat_template"), [ChatMessage("user", PROMPT)])
+            peer = run_llama_server(args.llama_server, gguf, prompt, args.threads, args.tokens, args.runs, args.streams)
+
+    rows = [
+        "| measure | rkllama | llama-cpp-python direct | ratio | llama-server | ratio |",
+        "|---|---|---|---|---|---|",
+        f"| decode tok/s (1 stream) | {ours['decode']:.1f} | {direct_rate:.1f} | {ours['decode'] / direct_rate:.2f} | "
+        + (f"{peer['decode']:.1f} | {ours['decode'] / peer['decode']:.2f} |" if peer else "n/a | n/a |"),
+        f"| aggregate tok/s ({args.streams} streams) | {ours['aggregate']:.1f} | n/a | n/a | "
+        + (f"{peer['aggregate']:.1f} | {ours['aggregate'] / peer['aggregate']:.2f} |" if peer else "n/a | n/a |"),
+        f"| model process RSS MiB | {ours['rss']:.0f} | {direct_rss:.0f} | {ours['rss'] / direct_rss:.2f} | "
+        + (f"{peer['rss']:.0f} | {ours['rss'] / peer['rss']:.2f} |" if peer else "n/a | n/a |"),
+        f"| server process RSS MiB (no model) | {ours['server_rss']:.0f} | | | | |",
+    ]
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    header = (
+        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
+        f"threads={args.threads}, tokens={args.tokens}, runs={args.runs} (median)\n\n`{command}`\n"
+    )
+    table = header + "\n" + "\n".join(rows) + "\n"
+    print(table)
+    if args.record:
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
+            results.write("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
