@@ -83,6 +83,10 @@ def serve(conn: Connection) -> int:
                 with cancels_lock:
                     cancels.setdefault(message["id"], threading.Event()).set()
             elif message.get("op") == "shutdown":
+                # Unloading: stop the request in flight instead of finishing it.
+                with cancels_lock:
+                    for event in cancels.values():
+                        event.set()
                 break
             else:
                 work.put(message)
