@@ -145,6 +145,9 @@ class RunnerProcess:
                             yield TokenEvent(text=message["text"])
                         elif kind == "done":
                             finished = True
+                            if message["finish_reason"] == "cancelled":
+                                # Only an unload cancels without us asking (see _cancel).
+                                raise RunnerError(f"Model {self.spec.name} was unloaded while answering this request.")
                             yield DoneEvent(finish_reason=message["finish_reason"], usage=Usage(**message["usage"]))
                             return
                         else:
