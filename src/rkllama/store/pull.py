@@ -408,8 +408,8 @@ async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgr
     iterator early cancels the download and keeps its partial file for the next try."""
     yield PullProgress("pulling manifest", ref.filename)
     store.ensure_exists()
-    check_target(store, ref)
     remote = await asyncio.to_thread(fetch_metadata, ref)
+    check_target(store, ref)
     check_disk_space(store, ref, remote)
     part = _part_path(store, ref, remote)
     watch = _Watch(total=remote.size, completed=part.stat().st_size if part.exists() else 0)
