@@ -63,7 +63,7 @@ async def _lines(events: AsyncIterator[PullProgress], first: PullProgress) -> As
         await events.aclose()  # type: ignore[attr-defined]
 
 
-@router.post("/pull")
+@router.post("/pull", response_model=None)
 async def pull(request: Request, state: AppState = Depends(app_state)) -> StreamingResponse | JSONResponse:
     events: AsyncIterator[PullProgress] | None = None
     try:
