@@ -424,3 +424,17 @@ def test_unknown_route_is_json_404(server):
         response = client.get("/no/such/route")
     assert response.status_code == 404
     assert "error" in response.json()
+
+
+def test_unload_during_generation_stops_it_with_a_clear_error(start_server):
+    srv = start_server()
+    with srv.client() as client, srv.client() as other:
+        with client.stream(
+            "POST", "/generate", json={"messages": "Tell a very long story.", "stream": True, "max_tokens": 3000}
+        ) as response:
+            lines = response.iter_lines()
+            assert "finish_reason" in next(lines)
+            assert other.post("/unload_model").status_code == 200
+            rest = [json.loads(line) for line in lines if line]
+        assert rest[-1] == {"error": f"Model {DEFAULT_MODEL_NAME} was unloaded while answering this request."}
+    assert srv.runner_pids() == []
