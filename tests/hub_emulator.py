@@ -51,7 +51,7 @@ class HubFile:
 class RecordedRequest:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # lower-case names
 
 
 @dataclass
@@ -176,7 +176,7 @@ def _handler_for(hub: HubEmulator) -> type[BaseHTTPRequestHandler]:
         # --- plumbing -------------------------------------------------------------------
         def _record(self) -> str:
             path = unquote(urlsplit(self.path).path)
-            hub.requests.append(RecordedRequest(self.command, path, dict(self.headers.items())))
+            hub.requests.append(RecordedRequest(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
             return path
 
         def _send(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
