@@ -248,7 +248,11 @@ class LlamaCppEngine:
     def embed(self, request: EmbedRequest) -> EmbedResult:
         if self._embedder is None:
             # A second context in embedding mode; the weights are mmapped, so shared.
-            self._embedder = Llama(**{**self._llama_kwargs, "embedding": True})
+            # Chat models declare no pooling, which would give one vector per token: average them.
+            arch = self.llm.metadata.get("general.architecture", "")
+            mean = {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
+            pooling = {} if f"{arch}.pooling_type" in self.llm.metadata else mean
+            self._embedder = Llama(**{**self._llama_kwargs, "embedding": True, **pooling})
         counts = [len(self._embedder.tokenize(text.encode("utf-8"))) for text in request.inputs]
         limit = self._embedder.n_ctx()
         if not request.truncate and any(c > limit for c in counts):
