@@ -1,13 +1,19 @@
-"""The `rkllama` command. `serve` runs the server; the other commands talk to it over HTTP."""
+"""The `rkllama` command. `serve` runs the server; the other commands talk to it over HTTP
+(`--host` / RKLLAMA_HOST). Errors print one line saying what to do next, and exit 1."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from . import __version__
+from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, server_url
+from .errors import RkllamaError
 from .settings import Settings
 
 
@@ -49,20 +55,238 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=_serve)
 
 
+def _client(args: argparse.Namespace) -> RkllamaClient:
+    return RkllamaClient(server_url(args.host), api_key=args.api_key or os.environ.get("RKLLAMA_API_KEY"))
+
+
+def _human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000  # type: ignore[assignment]
+    return "-"
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.year >= 9999:
+        return "forever"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        print("   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.models()
+    _table(
+        ["NAME", "SIZE", "FORMAT", "MODIFIED"],
+        [[m.name, _human_size(m.size), m.format or "-", _when(m.modified)] for m in models],
+    )
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        loaded = client.loaded()
+    _table(
+        ["NAME", "SIZE", "FORMAT", "UNTIL"],
+        [[m.name, _human_size(m.size), m.format or "-", _when(m.expires)] for m in loaded],
+    )
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    console = Console(stderr=True)
+    done = False
+    with (
+        _client(args) as client,
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), console=console, transient=False
+        ) as bar,
+    ):
+        task = None
+        for line in client.pull(args.model):
+            if line.startswith(PULL_ERROR_PREFIX):
+                raise ServerError(line.removeprefix(PULL_ERROR_PREFIX), 400)
+            if line.startswith("Downloading "):
+                task = bar.add_task(line.removesuffix("..."), total=100)
+            elif line.endswith("%") and line[:-1].isdigit() and task is not None:
+                bar.update(task, completed=int(line[:-1]))
+                done = line == "100%"
+    if not done:
+        raise ClientError("the download ended before 100%; run the same pull again to resume it.")
+    from .store.pull import parse_pull_ref  # imports huggingface_hub: only when needed
+
+    name = parse_pull_ref(args.model).model_name
+    print(f"Pulled {name}. Chat with it: rkllama run {name}")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete(args.model)
+    print(f"Deleted {args.model}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        previous = client.load(args.model)
+    if previous:
+        print(f"Unloaded {previous}")
+    print(f"Loaded {args.model}")
+    return 0
+
+
+def _unload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(f"Unloaded {client.unload()}")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"rkllama {__version__}")
+    with _client(args) as client:
+        remote = client.server_version()
+    if remote:
+        print(f"server {remote} at {client.base_url}")
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict[str, object]:
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _reply(client: RkllamaClient, messages: list[dict[str, str]], options: dict[str, object]) -> str:
+    """Print the reply as it streams; Ctrl-C stops it and keeps what was said."""
+    parts: list[str] = []
+    try:
+        for piece in client.chat(messages, options):
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    print()
+    return "".join(parts)
+
+
+def _prompts(interactive: bool) -> Iterator[str]:
+    """User turns: typed at a `>>> ` prompt on a terminal, else one per stdin line."""
+    if not interactive:
+        yield from (line.rstrip("\n") for line in sys.stdin)
+        return
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input(">>> ")
+        except KeyboardInterrupt:
+            print("\nUse Ctrl + d or /bye to exit.")
+        except EOFError:
+            print()
+            return
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = _options(args)
+    with _client(args) as client:
+        client.load(args.model)
+        messages: list[dict[str, str]] = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        if args.prompt:
+            _reply(client, [*messages, {"role": "user", "content": " ".join(args.prompt)}], options)
+            return 0
+        for prompt in _prompts(sys.stdin.isatty()):
+            if prompt.strip() in {"/bye", "/exit"}:
+                break
+            if not prompt.strip():
+                continue
+            messages.append({"role": "user", "content": prompt})
+            messages.append({"role": "assistant", "content": _reply(client, messages, options)})
+    return 0
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--host", help="server address: host, host:port or URL (env RKLLAMA_HOST, default 127.0.0.1:8080)"
+    )
+    parent.add_argument("--api-key", help="bearer key, if the server requires one (env RKLLAMA_API_KEY)")
+    return parent
+
+
+def add_client_parsers(commands: argparse._SubParsersAction) -> None:
+    parent = _client_parent()
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[parent], help=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    command("list", _list, "list the models in the models directory")
+    command("ps", _ps, "list the loaded models")
+    pull = command("pull", _pull, "download a model from Hugging Face")
+    pull.add_argument("model", help="hf/username/repo/file.gguf (or .rkllm)")
+    command("rm", _rm, "delete a model").add_argument("model")
+    command("load", _load, "load a model (unloading the current one)").add_argument("model")
+    command("unload", _unload, "unload the current model")
+    command("version", _version, "print the client's and the server's version")
+    run = command("run", _run, "chat with a model in the terminal (/bye or Ctrl-D to leave)")
+    run.add_argument("model")
+    run.add_argument("prompt", nargs="*", help="answer this prompt and exit")
+    run.add_argument("--system", help="system prompt")
+    run.add_argument("--max-tokens", type=int, help="longest reply, in tokens")
+    run.add_argument("--temperature", type=float)
+    run.add_argument("--seed", type=int)
+
+
+_HINTS = {404: " (see `rkllama list`)", 409: " (try again when it is done)"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rkllama", description="RKLLama: a local LLM server for Rockchip NPUs and CPUs."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
-    version = commands.add_parser("version", help="print the version")
-    version.set_defaults(func=lambda args: print(f"rkllama {__version__}") or 0)
+    add_client_parsers(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ServerError as exc:
+        print(f"Error: {exc}{_HINTS.get(exc.status, '')}", file=sys.stderr)
+    except ClientError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+    except RkllamaError as exc:  # raised locally, e.g. a malformed pull path
+        print(f"Error: {exc.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 1
 
 
 if __name__ == "__main__":
