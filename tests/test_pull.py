@@ -299,3 +299,34 @@ def test_network_down_is_a_clear_400(start_server, tmp_path: Path) -> None:
     assert status == 400
     assert error["error"].startswith("Error during download: Cannot reach " + closed)
     assert snapshot(srv.models_dir) == []
+
+
+def test_client_leaving_cancels_the_pull_and_the_next_one_resumes(hub: HubEmulator, pull_server: RkllamaServer) -> None:
+    data = random_bytes(4 * MB)
+    hub.add_file("test-user/left", "left.gguf", data)
+    hub.hold_at("left.gguf", MB + 4096)
+    before = snapshot(pull_server.models_dir)
+    try:
+        with (
+            pull_server.client() as client,
+            client.stream("POST", "/pull", json={"model": "hf/test-user/left/left.gguf"}) as response,
+        ):
+            lines = response.iter_lines()
+            assert next(lines).startswith("Downloading left.gguf")
+            while not 0 < int(next(lines).rstrip("%")) < 100:
+                pass
+        # The client is gone; the server stops at the next chunk it receives.
+    finally:
+        hub.release()
+    with pull_server.client() as client:
+        while client.post("/rm", json={"model": "left"}).status_code == 409:  # still being pulled
+            threading.Event().wait(0.1)
+    assert [p for p in snapshot(pull_server.models_dir) if not p.startswith(".pulls")] == before
+    kept = next((pull_server.models_dir / ".pulls").glob("left.*.part")).stat().st_size
+    assert 0 < kept < len(data)
+
+    status, lines, _ = pull(pull_server, "hf/test-user/left/left.gguf")
+
+    assert status == 200 and lines[-1] == "100%"
+    assert hub.downloads("test-user/left", "left.gguf")[-1].headers.get("range") == f"bytes={kept}-"
+    assert (pull_server.models_dir / "left" / "left.gguf").read_bytes() == data

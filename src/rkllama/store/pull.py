@@ -421,8 +421,14 @@ async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgr
     except BaseException:
         registry.end(ref.model_name)
         raise
-    # The thread, not this generator, ends the "being pulled" mark: it may outlive a cancelled client.
-    future.add_done_callback(lambda _: registry.end(ref.model_name))
+
+    def finished(done: asyncio.Future[None]) -> None:
+        # The thread, not this generator, ends the "being pulled" mark: it may outlive a cancelled client.
+        registry.end(ref.model_name)
+        if not done.cancelled():
+            done.exception()  # retrieved, so a pull whose client left ends without a warning
+
+    future.add_done_callback(finished)
     try:
         last: tuple[str, int] | None = None
         while True:
