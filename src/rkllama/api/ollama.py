@@ -1,5 +1,386 @@
-"""Placeholder: filled in by its issue."""
+"""Ollama's API (`/api/*`), as its docs/api.md describes it, over the same scheduler and
+GenerateRequest as the native API. See docs/ollama.md for what is supported."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from .. import __version__
+from ..errors import BadRequest, RkllamaError
+from ..store.derive import derive_model
+from ..store.gguf_info import file_digest, gguf_info, parameter_size
+from ..store.models_dir import ModelEntry
+from ..store.names import ollama_name, resolve_model
+from ..store.ollama_modelfile import (
+    ModelDefinition,
+    parameters_to_values,
+    parse_definition,
+    render_ollama_modelfile,
+    render_parameters,
+)
+from ..store.pull import PullProgress, parse_pull_ref, pull_model
+from ..toolcalls import ToolCall, parse_tool_calls
+from ..types import DoneEvent, EmbedRequest, GenerateRequest
+from .auth import require_api_key
+from .common import AppState, app_state
+from .dialect import ReplyText, Target, apply_keep_alive, load_target, parse_body, parse_keep_alive
+from .ollama_wire import (
+    ChatBody,
+    CopyBody,
+    CreateBody,
+    EmbedBody,
+    EmbeddingsBody,
+    GenerateBody,
+    ModelBody,
+    PullBody,
+)
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+NDJSON = "application/x-ndjson"
+# What `ps` shows as the expiry of a model kept loaded without a deadline.
+FOREVER = timedelta(days=365 * 100)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ndjson(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async def lines() -> AsyncIterator[str]:
+        async for item in items:
+            yield json.dumps(item) + "\n"
+
+    return lines()
+
+
+# --- models ------------------------------------------------------------------------------
+def _details(entry: ModelEntry) -> dict[str, Any]:
+    info = gguf_info(entry.path)
+    family = info.architecture
+    return {
+        "parent_model": "",
+        "format": entry.format,
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": parameter_size(info.parameter_count) if info.parameter_count else "",
+        "quantization_level": info.quantization,
+    }
+
+
+async def _model_summary(entry: ModelEntry) -> dict[str, Any]:
+    name = ollama_name(entry.name)
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": entry.modified.isoformat(),
+        "size": entry.size,
+        "digest": await file_digest(entry.path),
+        "details": _details(entry),
+    }
+
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/api/tags")
+async def tags(state: AppState = Depends(app_state)) -> dict[str, Any]:
+    return {"models": [await _model_summary(entry) for entry in state.store.list_models()]}
+
+
+@router.post("/api/show")
+async def show(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
+    body = await parse_body(request, ModelBody)
+    entry = resolve_model(state.store, body.target)
+    info = gguf_info(entry.path)
+    model_info: dict[str, Any] = {
+        key: value for key, value in info.metadata.items() if not key.startswith("tokenizer.")
+    }
+    model_info["general.parameter_count"] = info.parameter_count
+    loaded = state.scheduler.get_loaded(entry.name)
+    if loaded is not None:
+        model_info.setdefault("general.architecture", loaded.info.metadata.get("general.architecture", ""))
+    return {
+        "modelfile": render_ollama_modelfile(ollama_name(entry.name), entry.path.name, entry.modelfile),
+        "parameters": render_parameters(entry.modelfile),
+        "template": info.chat_template,
+        "system": entry.modelfile.get("SYSTEM") or "",
+        "details": _details(entry),
+        "model_info": model_info,
+        "capabilities": ["completion", "tools", "embedding"],
+        "modified_at": entry.modified.isoformat(),
+    }
+
+
+@router.get("/api/ps")
+async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
+    models = []
+    now_wall, now_mono = datetime.now(UTC), time.monotonic()
+    for loaded in state.scheduler.loaded():
+        summary = await _model_summary(loaded.entry)
+        left = FOREVER if loaded.expires_at is None else timedelta(seconds=max(0.0, loaded.expires_at - now_mono))
+        summary.update(expires_at=(now_wall + left).isoformat(), size_vram=0, context_length=loaded.info.context_length)
+        summary.pop("modified_at")
+        models.append(summary)
+    return {"models": models}
+
+
+@router.delete("/api/delete")
+async def delete(request: Request, state: AppState = Depends(app_state)) -> Response:
+    body = await parse_body(request, ModelBody)
+    entry = resolve_model(state.store, body.target)
+    await state.scheduler.unload(entry.name)  # its runner lets go of the file first
+    state.store.delete(entry.name)
+    return Response(status_code=200)
+
+
+@router.post("/api/copy")
+async def copy(request: Request, state: AppState = Depends(app_state)) -> Response:
+    body = await parse_body(request, CopyBody)
+    derive_model(state.store, resolve_model(state.store, body.source), body.destination)
+    return Response(status_code=200)
+
+
+def _definition(body: CreateBody) -> ModelDefinition:
+    if body.files or body.adapters:
+        raise BadRequest("Creating a model from uploaded files is not supported; use 'from' with an existing model.")
+    if body.quantize:
+        raise BadRequest("Quantizing is not supported.")
+    if body.template:
+        raise BadRequest("'template' is not supported: the chat template comes from the model file.")
+    if body.messages:
+        raise BadRequest("'messages' is not supported in a created model.")
+    definition = parse_definition(body.modelfile) if body.modelfile else ModelDefinition()
+    if body.from_:
+        definition.source = body.from_
+    if body.system is not None:
+        definition.values["SYSTEM"] = body.system
+    definition.values.update(parameters_to_values(body.parameters or {}))
+    if not definition.source:
+        raise BadRequest("Say which model to build on: 'from' (or FROM in 'modelfile') naming an existing model.")
+    return definition
+
+
+def _source_entry(state: AppState, source: str) -> ModelEntry:
+    """FROM names a model, or (RKLLama Modelfiles) the model file of one."""
+    try:
+        return resolve_model(state.store, source)
+    except RkllamaError:
+        for entry in state.store.list_models():
+            if entry.path.name == source:
+                return entry
+        raise
+
+
+@router.post("/api/create")
+async def create(request: Request, state: AppState = Depends(app_state)) -> Any:
+    body = await parse_body(request, CreateBody)
+    name = body.model or body.name
+    if not name:
+        raise BadRequest("'model' is required: the name of the model to create.")
+    definition = _definition(body)
+    derive_model(state.store, _source_entry(state, definition.source or ""), name, definition.values)
+    if not body.stream:
+        return {"status": "success"}
+
+    async def progress() -> AsyncIterator[dict[str, Any]]:
+        for status in ("using existing layers", "writing manifest", "success"):
+            yield {"status": status}
+
+    return StreamingResponse(_ndjson(progress()), media_type=NDJSON)
+
+
+# --- pull ----------------------------------------------------------------------------------
+def _progress(event: PullProgress) -> dict[str, Any]:
+    if event.status == "downloading":
+        return {"status": f"pulling {event.filename}", "total": event.total, "completed": event.completed}
+    return {"status": event.status}
+
+
+@router.post("/api/pull")
+async def pull(request: Request, state: AppState = Depends(app_state)) -> Any:
+    body = await parse_body(request, PullBody)
+    ref = parse_pull_ref(body.model or body.name)
+    events = pull_model(state.store, ref)
+    if not body.stream:
+        last: dict[str, Any] = {}
+        async for event in events:
+            last = _progress(event)
+        return last
+
+    try:
+        first = await anext(events)  # errors before any byte moved are still a 4xx
+    except StopAsyncIteration:
+        raise RkllamaError("The pull ended before it started.") from None
+
+    async def progress() -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield _progress(first)
+            async for event in events:
+                yield _progress(event)
+        except RkllamaError as exc:
+            yield {"error": exc.message}
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(_ndjson(progress()), media_type=NDJSON)
+
+
+# --- generate and chat -----------------------------------------------------------------------
+def _timings(target: Target, done: DoneEvent | None) -> dict[str, Any]:
+    usage = done.usage if done else None
+    return {
+        "done_reason": _done_reason(done),
+        "total_duration": target.elapsed_ns(),
+        "load_duration": int(target.load_seconds * 1e9),
+        "prompt_eval_count": usage.prompt_tokens if usage else 0,
+        "prompt_eval_duration": int(usage.prompt_ms * 1e6) if usage else 0,
+        "eval_count": usage.completion_tokens if usage else 0,
+        "eval_duration": int(usage.generate_ms * 1e6) if usage else 0,
+    }
+
+
+def _done_reason(done: DoneEvent | None) -> str:
+    if done is None or done.finish_reason == "cancelled":
+        return "stop"
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+class _Exchange:
+    """One generate/chat request: loads the model, runs it, shapes Ollama's replies."""
+
+    def __init__(self, state: AppState, body: GenerateBody | ChatBody, chat: bool) -> None:
+        self.state = state
+        self.body = body
+        self.chat = chat
+        self.keep_alive = parse_keep_alive(body.keep_alive)
+        self.request: GenerateRequest = body.to_request()
+        self.target: Target | None = None
+
+    def _empty(self) -> bool:
+        if self.chat:
+            return not self.request.messages
+        return not (self.body.prompt or "")  # type: ignore[union-attr]
+
+    def _piece(self, text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+        assert self.target is not None
+        head = {"model": self.body.model, "created_at": _now()}
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = _tool_calls(calls)
+            return {**head, "message": message, "done": False}
+        return {**head, "response": text, "done": False}
+
+    def _final(self, done: DoneEvent | None, text: str = "", calls: list[ToolCall] | None = None) -> dict[str, Any]:
+        assert self.target is not None
+        return {**self._piece(text, calls), "done": True, **_timings(self.target, done)}
+
+    async def _load_only(self) -> dict[str, Any]:
+        """An empty prompt only loads (or, with keep_alive 0, unloads) the model, as in Ollama."""
+        assert self.target is not None
+        await apply_keep_alive(self.state, self.target.name, self.keep_alive)
+        unloaded = self.keep_alive == 0
+        reply = self._final(None)
+        reply["done_reason"] = "unload" if unloaded else "load"
+        return reply
+
+    async def run(self) -> Any:
+        self.target = await load_target(self.state, self.body.model, self.body.num_ctx)
+        if self._empty():
+            return await self._load_only()
+        events = self.state.scheduler.generate(self.target.model, self.request)
+        if not self.body.stream:
+            return await self._collect(events)
+        return StreamingResponse(_ndjson(self._stream(events)), media_type=NDJSON)
+
+    async def _collect(self, events: AsyncIterator[Any]) -> dict[str, Any]:
+        assert self.target is not None
+        parts: list[str] = []
+        done: DoneEvent | None = None
+        try:
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    done = event
+                else:
+                    parts.append(event.text)
+        finally:
+            await apply_keep_alive(self.state, self.target.name, self.keep_alive)
+        text, calls = parse_tool_calls("".join(parts), self.request.tools) if self.chat else ("".join(parts), [])
+        return self._final(done, text, calls)
+
+    async def _stream(self, events: AsyncIterator[Any]) -> AsyncIterator[dict[str, Any]]:
+        assert self.target is not None
+        reply = ReplyText(self.request.tools if self.chat else None)
+        try:
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    text, calls = reply.finish()
+                    if text or calls:
+                        yield self._piece(text, calls)
+                    yield self._final(event)
+                elif out := reply.feed(event.text):
+                    yield self._piece(out)
+        except RkllamaError as exc:
+            # Headers are sent already: the error is the stream's last line.
+            yield {"error": exc.message}
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+            await apply_keep_alive(self.state, self.target.name, self.keep_alive)
+
+
+@router.post("/api/generate")
+async def generate(request: Request, state: AppState = Depends(app_state)) -> Any:
+    return await _Exchange(state, await parse_body(request, GenerateBody), chat=False).run()
+
+
+@router.post("/api/chat")
+async def chat(request: Request, state: AppState = Depends(app_state)) -> Any:
+    return await _Exchange(state, await parse_body(request, ChatBody), chat=True).run()
+
+
+# --- embeddings ------------------------------------------------------------------------------
+@router.post("/api/embed")
+async def embed(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
+    body = await parse_body(request, EmbedBody)
+    keep_alive = parse_keep_alive(body.keep_alive)
+    target = await load_target(state, body.model, body.options.num_ctx if body.options else None)
+    inputs = body.inputs()
+    if body.dimensions is not None:
+        raise BadRequest("'dimensions' is not supported: the model's embedding size is used.")
+    try:
+        result = await state.scheduler.embed(target.model, EmbedRequest(inputs=inputs, truncate=body.truncate))
+    finally:
+        await apply_keep_alive(state, target.name, keep_alive)
+    return {
+        "model": body.model,
+        "embeddings": result.embeddings,
+        "total_duration": target.elapsed_ns(),
+        "load_duration": int(target.load_seconds * 1e9),
+        "prompt_eval_count": result.prompt_tokens,
+    }
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
+    """The older endpoint: one prompt, one vector."""
+    body = await parse_body(request, EmbeddingsBody)
+    keep_alive = parse_keep_alive(body.keep_alive)
+    target = await load_target(state, body.model, body.options.num_ctx if body.options else None)
+    try:
+        result = await state.scheduler.embed(target.model, EmbedRequest(inputs=[body.prompt]))
+    finally:
+        await apply_keep_alive(state, target.name, keep_alive)
+    return {"embedding": result.embeddings[0]}

@@ -1,0 +1,138 @@
+"""What the Ollama and OpenAI dialect layers share: typed request bodies, finding and
+loading the named model, keep-alive, and holding back streamed text that may be a tool call.
+
+How this meets the native API's single "current model": a dialect request names its
+model; if that model is not loaded it is loaded (evicting the least recently used idle
+model when --max-loaded-models is reached, default 1), and like any load it becomes the
+current model that the native /generate uses.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from ..errors import BadRequest
+from ..scheduler import LoadedModel
+from ..store.names import resolve_model
+from ..toolcalls import ToolCall, may_become_tool_call, parse_tool_calls
+from .common import AppState, json_object
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body as `model`; whatever the Content-Type (curl -d sends a form type)."""
+    data = await json_object(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BadRequest(f"Invalid request: '{where}': {first['msg']}.") from None
+
+
+# --- loading -------------------------------------------------------------------------
+@dataclass
+class Target:
+    model: LoadedModel
+    name: str  # the store name
+    load_seconds: float  # 0 when it was loaded already
+    started: float  # perf_counter at the start of the request
+
+    def elapsed_ns(self) -> int:
+        return int((time.perf_counter() - self.started) * 1e9)
+
+
+async def load_target(state: AppState, requested: object, num_ctx: int | None = None) -> Target:
+    """Resolve the requested name and make sure that model is loaded.
+
+    A `num_ctx` that differs from the loaded model's context reloads it (unless it is
+    busy answering, when the request uses it as it is)."""
+    started = time.perf_counter()
+    entry = resolve_model(state.store, requested)
+    scheduler = state.scheduler
+    loaded = scheduler.get_loaded(entry.name)
+    if loaded is not None and num_ctx and loaded.info.context_length != num_ctx and not loaded.busy:
+        await scheduler.unload(entry.name)
+        loaded = None
+    overrides = {"num_ctx": num_ctx} if num_ctx else None
+    model = await scheduler.load(entry.name, overrides)
+    fresh = loaded is None or model is not loaded
+    return Target(model=model, name=entry.name, load_seconds=model.load_seconds if fresh else 0.0, started=started)
+
+
+# --- keep_alive ----------------------------------------------------------------------
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Seconds to keep the model loaded after the request (negative: forever; 0: unload now).
+
+    Ollama accepts a number of seconds or a Go duration ("5m", "1h30m", "-1"). None means
+    the request did not say, and the model's current keep-alive is left alone."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        negative = text.startswith("-")
+        body = text[1:] if negative else text
+        parts = _DURATION.findall(body)
+        if parts and "".join(n + u for n, u in parts) == body:
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+            return -seconds if negative else seconds
+    raise BadRequest(f"Invalid keep_alive {value!r}: use seconds (300), a duration ('5m', '1h'), 0 or -1.")
+
+
+async def apply_keep_alive(state: AppState, name: str, seconds: float | None) -> None:
+    """Called once the request is done. Shielded: it also runs when the client went away."""
+    if seconds is None:
+        return
+    with anyio.CancelScope(shield=True):
+        if seconds < 0:
+            state.scheduler.set_keep_alive(name, None)
+        elif seconds == 0:
+            model = state.scheduler.get_loaded(name)
+            if model is not None and not model.busy:
+                await state.scheduler.unload(name)
+        else:
+            state.scheduler.set_keep_alive(name, seconds)
+
+
+# --- tool calls while streaming ----------------------------------------------------------
+class ReplyText:
+    """Streams reply text, but holds it back while it may still be a tool call."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None) -> None:
+        self.tools = tools
+        self._held = ""
+        self._holding = bool(tools)
+
+    def feed(self, text: str) -> str:
+        """The text that can be sent now."""
+        if not self._holding:
+            return text
+        self._held += text
+        if may_become_tool_call(self._held):
+            return ""
+        self._holding = False
+        out, self._held = self._held, ""
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """Text still held back, and the tool calls it held."""
+        held, self._held = self._held, ""
+        return parse_tool_calls(held, self.tools) if held else ("", [])

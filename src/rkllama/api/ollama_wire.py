@@ -1,0 +1,198 @@
+"""Ollama's request bodies (docs/api.md of ollama/ollama) and their translation to the
+internal GenerateRequest. Unknown fields are ignored, as Ollama does."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import BadRequest
+from ..toolcalls import tool_names
+from ..types import ChatMessage, GenerateRequest, SamplingOptions
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Options(_Wire):
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    num_predict: int | None = None
+    num_ctx: int | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            # -1 (forever) and -2 (fill the context) both mean "up to the context's end".
+            max_tokens=None if self.num_predict is None or self.num_predict < 0 else self.num_predict,
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else self.stop,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+
+class _FunctionCall(_Wire):
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class _ToolCall(_Wire):
+    function: _FunctionCall
+
+
+class Message(_Wire):
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_name: str | None = None
+
+
+Format = Literal["", "json"] | dict[str, Any] | None
+
+
+class _GenerateBase(_Wire):
+    model: str = ""
+    stream: bool = True
+    format: Format = None
+    options: Options | None = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+
+    @property
+    def num_ctx(self) -> int | None:
+        return self.options.num_ctx if self.options else None
+
+    def _request(self, **fields: Any) -> GenerateRequest:
+        return GenerateRequest(
+            options=self.options.sampling() if self.options else SamplingOptions(),
+            response_format=self.format or None,
+            enable_thinking=None if self.think is None else bool(self.think),
+            **fields,
+        )
+
+
+class GenerateBody(_GenerateBase):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    raw: bool | None = None
+    images: list[str] | None = None
+
+    def to_request(self) -> GenerateRequest:
+        if self.images:
+            raise BadRequest("Images are not supported by this server's models.")
+        if self.suffix:
+            raise BadRequest("'suffix' (fill-in-the-middle) is not supported.")
+        if self.template:
+            raise BadRequest("'template' is not supported: the chat template comes from the model file.")
+        if self.raw:
+            return self._request(prompt=self.prompt or "")
+        messages = [ChatMessage(role="system", content=self.system)] if self.system else []
+        messages.append(ChatMessage(role="user", content=self.prompt or ""))
+        return self._request(messages=messages)
+
+
+class ChatBody(_GenerateBase):
+    messages: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def to_request(self) -> GenerateRequest:
+        messages = []
+        for message in self.messages or []:
+            if message.images:
+                raise BadRequest("Images are not supported by this server's models.")
+            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []]
+            messages.append(
+                ChatMessage(
+                    role=message.role,
+                    content=message.content or "",
+                    tool_calls=calls or None,
+                    name=message.tool_name,
+                )
+            )
+        if self.tools and not tool_names(self.tools):
+            raise BadRequest('\'tools\' must be a list of {"type": "function", "function": {"name", ...}}.')
+        return self._request(messages=messages, tools=self.tools or None)
+
+
+class EmbedBody(_Wire):
+    model: str = ""
+    input: str | list[str] = ""
+    truncate: bool = True
+    options: Options | None = None
+    keep_alive: float | str | None = None
+    dimensions: int | None = None
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class EmbeddingsBody(_Wire):
+    model: str = ""
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: float | str | None = None
+
+
+class ModelBody(_Wire):
+    """show, delete (and `name`, the older spelling)."""
+
+    model: str | None = None
+    name: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.model or self.name or ""
+
+
+class CopyBody(_Wire):
+    source: str
+    destination: str
+
+
+class PullBody(_Wire):
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+    insecure: bool | None = None
+
+
+class CreateBody(_Wire):
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+    modelfile: str | None = None
+    from_: str | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    template: str | None = None
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    license: str | list[str] | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> CreateBody:  # type: ignore[override]
+        # The wire name is `from`, a Python keyword.
+        if isinstance(obj, dict) and "from" in obj:
+            obj = {**obj, "from_": obj["from"]}
+        return super().model_validate(obj, **kwargs)

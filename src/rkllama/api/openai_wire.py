@@ -1,0 +1,204 @@
+"""OpenAI's request bodies (chat completions, completions, embeddings) and their
+translation to the internal GenerateRequest. Unknown fields are ignored."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import BadRequest
+from ..toolcalls import tool_names
+from ..types import ChatMessage, GenerateRequest, SamplingOptions
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class _Sampling(_Wire):
+    model: str = ""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Not OpenAI's, but llama.cpp servers take them and so do we.
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+
+    def _options(self, max_tokens: int | None) -> SamplingOptions:
+        if self.n is not None and self.n != 1:
+            raise BadRequest("'n' must be 1: this server returns one choice per request.")
+        if max_tokens is not None and max_tokens < 1:
+            raise BadRequest("'max_tokens' must be at least 1.")
+        return SamplingOptions(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            max_tokens=max_tokens,
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else self.stop,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content: a string, or a list of parts of which only text is supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(f"'{where}': content parts of type {kind!r} are not supported; only text.")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest(f"'{where}' must be a string or a list of text parts.")
+
+
+def _call(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest(f"'{where}' must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}.")
+    arguments = function.get("arguments") or "{}"
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise BadRequest(f"'{where}.function.arguments' is not valid JSON.") from None
+    return {"name": function["name"], "arguments": arguments}
+
+
+class Message(_Wire):
+    role: str
+    content: Any = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool | None = None
+
+    def _messages(self) -> list[ChatMessage]:
+        out = []
+        for index, message in enumerate(self.messages):
+            where = f"messages.{index}"
+            calls = [_call(c, f"{where}.tool_calls.{i}") for i, c in enumerate(message.tool_calls or [])]
+            out.append(
+                ChatMessage(
+                    role="system" if message.role == "developer" else message.role,
+                    content=_text(message.content, f"{where}.content"),
+                    tool_calls=calls or None,
+                    tool_call_id=message.tool_call_id,
+                    name=message.name,
+                )
+            )
+        if not out:
+            raise BadRequest("'messages' must hold at least one message.")
+        return out
+
+    def _format(self) -> dict[str, Any] | str | None:
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return "json"
+        if kind == "json_schema":
+            schema = (self.response_format or {}).get("json_schema", {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest("'response_format.json_schema.schema' must be a JSON schema object.")
+            return schema
+        raise BadRequest(f"'response_format.type' {kind!r} is not supported: use text, json_object or json_schema.")
+
+    def _tool_choice(self) -> str | None:
+        """None (model decides), "none", "required" or a tool name."""
+        choice = self.tool_choice
+        if choice is None or choice == "auto":
+            return None
+        if choice in ("none", "required"):
+            return choice  # type: ignore[return-value]
+        if isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+            name = choice["function"]["name"]
+            if name not in tool_names(self.tools):
+                raise BadRequest(f"'tool_choice' names {name!r}, which is not among the tools.")
+            return name
+        raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {...}}.")
+
+    def to_request(self) -> GenerateRequest:
+        if self.logprobs:
+            raise BadRequest("'logprobs' is not supported.")
+        if self.tools and len(tool_names(self.tools)) != len(self.tools):
+            raise BadRequest("'tools' must be a list of {'type': 'function', 'function': {'name', ...}}.")
+        choice = self._tool_choice()
+        if choice is not None and not self.tools and choice != "none":
+            raise BadRequest("'tool_choice' needs 'tools'.")
+        tools = None if choice == "none" else (self.tools or None)
+        return GenerateRequest(
+            messages=self._messages(),
+            options=self._options(self.max_completion_tokens or self.max_tokens),
+            response_format=self._format(),
+            tools=tools,
+            tool_choice=None if choice == "none" else choice,
+        )
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
+
+    def to_request(self) -> GenerateRequest:
+        if self.suffix:
+            raise BadRequest("'suffix' is not supported.")
+        if self.echo:
+            raise BadRequest("'echo' is not supported.")
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise BadRequest("'prompt' must be one string: batches are not supported.")
+            prompt = prompt[0]
+        # OpenAI's default for completions is 16 tokens.
+        return GenerateRequest(prompt=prompt, options=self._options(16 if self.max_tokens is None else self.max_tokens))
+
+
+class EmbeddingsBody(_Wire):
+    model: str = ""
+    input: str | list[str]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+    def inputs(self) -> list[str]:
+        inputs = [self.input] if isinstance(self.input, str) else self.input
+        if not inputs:
+            raise BadRequest("'input' must not be empty.")
+        if self.encoding_format not in ("float", "base64"):
+            raise BadRequest("'encoding_format' must be 'float' or 'base64'.")
+        return inputs

@@ -1,0 +1,154 @@
+"""What /api/tags and /api/show tell about a model file: family, parameter count,
+quantization (read from the GGUF header without loading the model) and a sha256 digest.
+
+Both are cached per file (path, size, mtime), since clients poll the tag list. The
+digest hashes the whole file once, in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+# llama.cpp's `general.file_type` (enum llama_ftype) -> the quantization name Ollama shows.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+}  # fmt: skip
+
+# GGUF value types: struct format of the fixed-size ones; 8 = string, 9 = array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# Arrays longer than this (token lists) are skipped, not kept.
+_MAX_KEPT_ARRAY = 64
+
+
+@dataclass
+class GgufInfo:
+    metadata: dict[str, Any] = field(default_factory=dict)
+    parameter_count: int = 0
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    @property
+    def quantization(self) -> str:
+        file_type = self.metadata.get("general.file_type")
+        return FILE_TYPES.get(file_type, "") if isinstance(file_type, int) else ""
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.metadata.get(f"{self.architecture}.context_length")
+        return value if isinstance(value, int) else None
+
+    @property
+    def chat_template(self) -> str:
+        return str(self.metadata.get("tokenizer.chat_template", ""))
+
+
+def parameter_size(count: int) -> str:
+    """Ollama's human form: 134.52M, 1.5B."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}".rstrip("0").rstrip(".") + unit
+    return str(count)
+
+
+class _Reader:
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise ValueError("truncated GGUF header")
+        return struct.unpack(fmt, data)[0]
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        return self.handle.read(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.unpack("<I"), self.unpack("<Q")
+            if count > _MAX_KEPT_ARRAY and item_kind in _SCALARS:
+                self.handle.seek(count * struct.calcsize(_SCALARS[item_kind]), 1)
+                return None
+            items = [self.value(item_kind) for _ in range(count)]
+            return items if count <= _MAX_KEPT_ARRAY else None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def read_gguf(path: Path) -> GgufInfo:
+    """Metadata and parameter count; an unreadable header gives an empty GgufInfo."""
+    info = GgufInfo()
+    try:
+        with open(path, "rb") as handle:
+            reader = _Reader(handle)
+            if handle.read(4) != b"GGUF" or reader.unpack("<I") < 2:
+                return info
+            tensor_count, kv_count = reader.unpack("<Q"), reader.unpack("<Q")
+            for _ in range(kv_count):
+                key = reader.string()
+                value = reader.value(reader.unpack("<I"))
+                if value is not None:
+                    info.metadata[key] = value
+            for _ in range(tensor_count):
+                reader.string()
+                dims = [reader.unpack("<Q") for _ in range(reader.unpack("<I"))]
+                reader.unpack("<I")  # tensor type
+                reader.unpack("<Q")  # data offset
+                count = 1
+                for dim in dims:
+                    count *= dim
+                info.parameter_count += count
+    except (OSError, ValueError, struct.error):
+        return GgufInfo()
+    return info
+
+
+_info_cache: dict[tuple[str, int, int], GgufInfo] = {}
+_digest_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def gguf_info(path: Path) -> GgufInfo:
+    if path.suffix.lower() != ".gguf":
+        return GgufInfo()
+    key = _key(path)
+    if key not in _info_cache:
+        _info_cache[key] = read_gguf(path)
+    return _info_cache[key]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def file_digest(path: Path) -> str:
+    """sha256 of the model file, hex; computed once per file version."""
+    key = _key(path)
+    if key not in _digest_cache:
+        _digest_cache[key] = await asyncio.to_thread(_sha256, path)
+    return _digest_cache[key]
