@@ -403,14 +403,15 @@ def _remove_if_empty(folder: Path) -> None:
 async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgress]:
     """Pull `ref` into `store`, yielding progress while a worker thread downloads.
 
-    Errors found before any byte is written (bad path, repo or file not found, gated, network
-    down, name taken) raise PullError before the first "downloading" event. Closing the
+    Errors found before any byte is written (repo or file not found, gated, network down,
+    name taken, disk too small) raise PullError before the first event. Closing the
     iterator early cancels the download and keeps its partial file for the next try."""
-    yield PullProgress("pulling manifest", ref.filename)
     store.ensure_exists()
     remote = await asyncio.to_thread(fetch_metadata, ref)
     check_target(store, ref)
     check_disk_space(store, ref, remote)
+    # Only now: a caller awaiting the first event gets every early error as an exception.
+    yield PullProgress("pulling manifest", ref.filename, total=remote.size)
     part = _part_path(store, ref, remote)
     watch = _Watch(total=remote.size, completed=part.stat().st_size if part.exists() else 0)
     registry = registry_for(store)
