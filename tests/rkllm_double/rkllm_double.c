@@ -26,6 +26,9 @@
 
 #include "rkllm_layout.h"
 
+/* -DDOUBLE_VERSION='"1.4.0"' pretends to be another release; -DDOUBLE_NO_VERSION leaves no
+ * version string in the library (as a stripped build might). */
+#ifndef DOUBLE_VERSION
 #if RKLLM_ABI >= 130
 #define DOUBLE_VERSION "1.3.0"
 #elif RKLLM_ABI >= 121
@@ -35,9 +38,15 @@
 #else
 #define DOUBLE_VERSION "1.1.4"
 #endif
+#endif
 
+#ifndef DOUBLE_NO_VERSION
 /* The version string the engine finds in the library file, as in the vendor's log line. */
 __attribute__((used)) const char rkllm_double_version[] = "rkllm-runtime version: " DOUBLE_VERSION;
+#define VERSION_FOR_LOG DOUBLE_VERSION
+#else
+#define VERSION_FOR_LOG "unknown"
+#endif
 
 #define MAX_WORDS 4096
 #define MAX_WORD 256
@@ -113,7 +122,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback) {
 #else
 int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback) {
 #endif
-    printf("I rkllm: rkllm-runtime version: %s (test double), platform: none\n", DOUBLE_VERSION);
+    printf("I rkllm: test double of the rkllm runtime (%s)\n", VERSION_FOR_LOG);
     fflush(stdout);
     if (!handle || !param || !param->model_path || !callback) return -1;
     if (should_fail("init", param->model_path)) {

@@ -48,10 +48,12 @@ class RkllmLibrary:
 
 def abi_for_version(version: str) -> str | None:
     """Map a runtime version ("1.2.3") or ABI name ("1.2") to the ABI it speaks."""
-    match = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:b\d+)?", version.strip())
+    match = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(b\d+)?", version.strip())
     if not match:
         return None
-    major, minor, patch = int(match[1]), int(match[2]), match[3]
+    major, minor, patch, beta = int(match[1]), int(match[2]), match[3], match[4]
+    if (major, minor, patch) == (1, 2, "1") and beta:
+        return "1.2.0"  # 1.2.1b1 still had 1.2.0's void callback and no perf stats
     if (major, minor) == (1, 1):
         return "1.1"
     if (major, minor) == (1, 2):
