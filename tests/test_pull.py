@@ -330,3 +330,21 @@ def test_client_leaving_cancels_the_pull_and_the_next_one_resumes(hub: HubEmulat
     assert status == 200 and lines[-1] == "100%"
     assert hub.downloads("test-user/left", "left.gguf")[-1].headers.get("range") == f"bytes={kept}-"
     assert (pull_server.models_dir / "left" / "left.gguf").read_bytes() == data
+
+
+def test_a_file_changed_upstream_never_resumes_onto_old_bytes(hub: HubEmulator, pull_server: RkllamaServer) -> None:
+    hub.add_file("test-user/changing", "changing.gguf", random_bytes(2 * MB))
+    hub.cut_at("changing.gguf", MB + 100)
+    status, lines, _ = pull(pull_server, "hf/test-user/changing/changing.gguf")
+    assert status == 200 and lines[-1].startswith("Error during download: ")
+    assert len(list((pull_server.models_dir / ".pulls").glob("changing.*.part"))) == 1
+    hub.heal()
+    new_data = random_bytes(2 * MB)
+    hub.add_file("test-user/changing", "changing.gguf", new_data)
+
+    status, lines, _ = pull(pull_server, "hf/test-user/changing/changing.gguf")
+
+    assert status == 200 and lines[-1] == "100%"
+    assert "range" not in hub.downloads("test-user/changing", "changing.gguf")[-1].headers
+    assert (pull_server.models_dir / "changing" / "changing.gguf").read_bytes() == new_data
+    assert not (pull_server.models_dir / ".pulls").exists()

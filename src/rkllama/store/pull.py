@@ -346,14 +346,14 @@ def _up_to_date(store: ModelStore, ref: PullRef, remote: RemoteFile) -> bool:
 
 
 def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _Watch) -> None:
-    with registry_for(store).target_lock(ref.model_name):
+    registry = registry_for(store)
+    with registry.target_lock(ref.model_name), registry.staging(store.root / STAGING_DIR) as staging:
         check_target(store, ref)
         if _up_to_date(store, ref, remote):
             watch.completed = remote.size
             return
-        staging = store.root / STAGING_DIR
-        staging.mkdir(exist_ok=True)
         part = _part_path(store, ref, remote)
+        _drop_stale_parts(staging, ref, keep=part)
         try:
             check_disk_space(store, ref, remote)
             _download(remote, part, watch)
@@ -370,8 +370,6 @@ def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _
             if _resumable(exc):
                 message += " Pull again to resume the download."
             raise PullError(message) from None
-        finally:
-            _remove_if_empty(staging)
 
 
 def check_disk_space(store: ModelStore, ref: PullRef, remote: RemoteFile) -> None:
@@ -387,14 +385,20 @@ def check_disk_space(store: ModelStore, ref: PullRef, remote: RemoteFile) -> Non
 
 def _part_path(store: ModelStore, ref: PullRef, remote: RemoteFile) -> Path:
     # The etag in the name: a file changed upstream never resumes onto old bytes.
-    return store.root / STAGING_DIR / f"{ref.model_name}.{remote.etag[:16]}.part"
+    key = remote.etag[:16] if re.fullmatch(r"[0-9a-f]{16}", remote.etag[:16]) else _sha256_text(remote.etag)[:16]
+    return store.root / STAGING_DIR / f"{ref.model_name}.{key}.part"
 
 
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _drop_stale_parts(staging: Path, ref: PullRef, keep: Path) -> None:
+    """Partial downloads of an older version of this file can never be resumed."""
+    stale = re.compile(re.escape(ref.model_name) + r"\.[0-9a-f]{16}\.part")
+    for path in staging.iterdir():
+        if path != keep and stale.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 # --- the async face -------------------------------------------------------------------------
@@ -414,6 +418,8 @@ async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgr
     yield PullProgress("pulling manifest", ref.filename, total=remote.size)
     part = _part_path(store, ref, remote)
     watch = _Watch(total=remote.size, completed=part.stat().st_size if part.exists() else 0)
+    # Said before the thread starts, so the first progress is where the download resumes.
+    yield PullProgress("downloading", ref.filename, total=remote.size, completed=min(watch.completed, remote.size))
     registry = registry_for(store)
     registry.begin(ref.model_name)
     loop = asyncio.get_running_loop()
@@ -431,7 +437,7 @@ async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgr
 
     future.add_done_callback(finished)
     try:
-        last: tuple[str, int] | None = None
+        last: tuple[str, int] | None = ("downloading", watch.completed)
         while True:
             status = "verifying sha256 digest" if watch.phase != "downloading" else "downloading"
             if (status, watch.completed) != last:

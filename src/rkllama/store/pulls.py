@@ -7,8 +7,11 @@ assumed: the locks do not reach across processes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 from .models_dir import ModelStore
 
@@ -18,6 +21,7 @@ class PullRegistry:
         self._guard = threading.Lock()
         self._active: Counter[str] = Counter()
         self._target_locks: dict[str, threading.Lock] = {}
+        self._staging_users = 0
 
     def begin(self, name: str) -> None:
         with self._guard:
@@ -40,6 +44,21 @@ class PullRegistry:
     def target_lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._target_locks.setdefault(name, threading.Lock())
+
+    @contextlib.contextmanager
+    def staging(self, folder: Path) -> Iterator[Path]:
+        """The hidden folder pulls write into; removed when the last pull leaves it empty."""
+        with self._guard:
+            self._staging_users += 1
+            folder.mkdir(exist_ok=True)
+        try:
+            yield folder
+        finally:
+            with self._guard:
+                self._staging_users -= 1
+                if self._staging_users == 0:
+                    with contextlib.suppress(OSError):  # not empty: partial files wait to resume
+                        folder.rmdir()
 
 
 # Keyed by the models dir, so every app (and test) using a dir shares its registry.
