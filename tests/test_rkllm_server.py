@@ -286,3 +286,28 @@ def test_ollama_chat_on_an_rkllm_model(rkllm_server):
         for part in client.chat(model=MODEL, messages=[{"role": "user", "content": "a b"}], stream=True)
     )
     assert streamed == "a b"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tools_go_to_the_runtime_template_and_tool_results_continue(rkllm_server):
+    srv, log = rkllm_server(load=None)
+    client = ollama.Client(host=srv.base_url)
+    asked = [{"role": "system", "content": "be helpful"}, {"role": "user", "content": "weather in Paris"}]
+    reply = client.chat(model=MODEL, messages=asked, tools=[WEATHER_TOOL])
+    assert reply.message.content == "weather in Paris"  # the system prompt went with the tools
+    tools_line = next(line for line in log_lines(log) if line.startswith("function_tools"))
+    assert tools_line.startswith("function_tools system=[be helpful] tools=[[{")
+    assert '"name": "get_weather"' in tools_line and tools_line.endswith("tool_response=[tool_response]")
+    answered = [*asked, {"role": "assistant", "content": "weather in Paris"}, {"role": "tool", "content": "sunny"}]
+    assert client.chat(model=MODEL, messages=answered, tools=[WEATHER_TOOL]).message.content == "sunny"
+    last_run = [line for line in log_lines(log) if line.startswith("run ")][-1]
+    assert "role=tool " in last_run and "keep_history=1 " in last_run and "units=1 " in last_run

@@ -15,6 +15,7 @@ clean cache every time, because what the runtime keeps of its own reply is not k
 from __future__ import annotations
 
 import ctypes
+import json
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import RkllamaError
 from ...store.modelfile import Modelfile
 from ...types import (
     ChatMessage,
@@ -55,6 +57,8 @@ from .textstream import TextAssembler
 # While waiting for the runtime, how often to look at the cancel flag (seconds), and how
 # often to repeat rkllm_abort if the run has not ended yet.
 POLL_SECONDS = 0.05
+# Marks tool results in the runtime's template (as in Rockchip's server demo).
+TOOL_RESPONSE_TAG = "tool_response"
 ABORT_REPEAT_SECONDS = 1.0
 
 
@@ -100,6 +104,7 @@ class RkllmEngine:
         self._handle = LLMHandle()
         self._init_runtime()
         self._conversation: list[ChatMessage] | None = None  # what the runtime's KV cache holds
+        self._tools: str | None = None  # the tools last given to rkllm_set_function_tools
         self._cache_dirty = False
         self.info = ModelInfo(
             engine="rkllm",
@@ -181,9 +186,11 @@ class RkllmEngine:
             return request.enable_thinking
         return self.modelfile.get_bool("ENABLE_THINKING")
 
-    def _continues_conversation(self, messages: list[ChatMessage]) -> bool:
+    def _continues_conversation(self, messages: list[ChatMessage], tools: str | None) -> bool:
         previous = self._conversation
         if previous is None or not self.abi.has_keep_history or len(messages) != len(previous) + 1:
+            return False
+        if tools != self._tools:
             return False
         allowed = ("user", "tool") if self.abi.has_perf else ("user",)
         return messages[-1].role in allowed and same_messages(messages[:-1], previous)
@@ -216,19 +223,37 @@ class RkllmEngine:
             if not messages:
                 raise EngineError("The conversation is empty.")
             keep = self.abi.has_keep_history
-            if self._continues_conversation(messages):
+            tools = json.dumps(request.tools, ensure_ascii=False) if request.tools else None
+            if self._continues_conversation(messages, tools):
                 prepared = _PreparedInput(rk_input, True, False, None, messages)
                 text = messages[-1].content
                 if self.abi.has_perf:
                     rk_input.role = messages[-1].role.encode()
             else:
-                prepared = _PreparedInput(rk_input, keep, self._cache_dirty, None, messages if keep else None)
+                conversation = messages
+                messages = self._set_function_tools(messages, tools)
+                prepared = _PreparedInput(rk_input, keep, self._cache_dirty, None, conversation if keep else None)
                 text = flatten_messages(messages)
         encoded = ctypes.create_string_buffer(text.encode("utf-8"))
         rk_input.input_type = RKLLM_INPUT_PROMPT
         rk_input.prompt_input = ctypes.cast(encoded, ctypes.c_char_p)
         prepared.buffers.append(encoded)
         return prepared
+
+    def _set_function_tools(self, messages: list[ChatMessage], tools: str | None) -> list[ChatMessage]:
+        """Give the runtime's template the tools (1.2.1+), with the system prompt they go with;
+        returns the messages left for the prompt."""
+        if not self.abi.has_perf or tools == self._tools:
+            return messages
+        system = "\n".join(m.content for m in messages if m.role == "system")
+        code = self.lib.rkllm_set_function_tools(
+            self._handle, system.encode(), (tools or "").encode(), TOOL_RESPONSE_TAG.encode()
+        )
+        if code != 0 and tools is not None:
+            raise EngineError(f"The rkllm runtime refused the tools (rkllm_set_function_tools returned {code}).")
+        self._tools = tools
+        self._cache_dirty = True  # a new system prompt: what is cached no longer applies
+        return [m for m in messages if m.role != "system"] if tools is not None else messages
 
     def _clear_kv_cache(self) -> None:
         if not self.abi.has_keep_history:
@@ -266,7 +291,10 @@ class RkllmEngine:
         if limit == 0:
             yield DoneEvent(finish_reason="length", usage=Usage())
             return
-        prepared = self._prepare(request)
+        try:
+            prepared = self._prepare(request)
+        except RkllamaError as exc:  # e.g. the chat template rejected the messages
+            raise EngineError(exc.message) from None
         infer, keep_alive = self._infer_params(request, limit, prepared.keep_history)
         if prepared.clear_first:
             self._clear_kv_cache()

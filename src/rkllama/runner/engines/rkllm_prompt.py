@@ -87,6 +87,8 @@ def load_tokenizer(folder: Path) -> ModelTokenizer | None:
 def flatten_messages(messages: list[ChatMessage]) -> str:
     """One prompt for the runtime's template, which wraps a single user turn: earlier turns
     are written out as "role: content" lines above the last message."""
+    if not messages:
+        return ""
     *history, last = messages
     lines = [f"{m.role}: {m.content}" for m in history]
     lines.append(last.content if last.role in ("user", "tool") else f"{last.role}: {last.content}")
