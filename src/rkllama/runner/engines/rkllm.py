@@ -307,7 +307,9 @@ class RkllmEngine:
         started = time.perf_counter()
         worker = threading.Thread(target=self._run, args=(prepared, infer, keep_alive), name="rkllm_run", daemon=True)
         worker.start()
-        assembler = TextAssembler(request.options.stop)
+        assembler = TextAssembler(
+            request.options.stop if request.options.stop is not None else self.settings.sampling.stop
+        )
         outcome = _RunOutcome()
         reply: list[str] = []
         ended_early = False  # we stopped it: stop string, token limit or cancel
