@@ -42,7 +42,9 @@ from .ollama_wire import (
     PullBody,
 )
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+# `HEAD /` (Ollama's liveness probe) stays open like the rest of `/`; the API needs the key.
+router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
 NDJSON = "application/x-ndjson"
 # What `ps` shows as the expiry of a model kept loaded without a deadline.
 FOREVER = timedelta(days=365 * 100)
@@ -86,17 +88,17 @@ async def _model_summary(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-@router.get("/api/version")
+@api.get("/api/version")
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get("/api/tags")
+@api.get("/api/tags")
 async def tags(state: AppState = Depends(app_state)) -> dict[str, Any]:
     return {"models": [await _model_summary(entry) for entry in state.store.list_models()]}
 
 
-@router.post("/api/show")
+@api.post("/api/show")
 async def show(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, ModelBody)
     entry = resolve_model(state.store, body.target)
@@ -120,7 +122,7 @@ async def show(request: Request, state: AppState = Depends(app_state)) -> dict[s
     }
 
 
-@router.get("/api/ps")
+@api.get("/api/ps")
 async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
     models = []
     now_wall, now_mono = datetime.now(UTC), time.monotonic()
@@ -133,7 +135,7 @@ async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
     return {"models": models}
 
 
-@router.delete("/api/delete")
+@api.delete("/api/delete")
 async def delete(request: Request, state: AppState = Depends(app_state)) -> Response:
     body = await parse_body(request, ModelBody)
     entry = resolve_model(state.store, body.target)
@@ -142,7 +144,7 @@ async def delete(request: Request, state: AppState = Depends(app_state)) -> Resp
     return Response(status_code=200)
 
 
-@router.post("/api/copy")
+@api.post("/api/copy")
 async def copy(request: Request, state: AppState = Depends(app_state)) -> Response:
     body = await parse_body(request, CopyBody)
     derive_model(state.store, resolve_model(state.store, body.source), body.destination)
@@ -180,7 +182,7 @@ def _source_entry(state: AppState, source: str) -> ModelEntry:
         raise
 
 
-@router.post("/api/create")
+@api.post("/api/create")
 async def create(request: Request, state: AppState = Depends(app_state)) -> Any:
     body = await parse_body(request, CreateBody)
     name = body.model or body.name
@@ -205,7 +207,7 @@ def _progress(event: PullProgress) -> dict[str, Any]:
     return {"status": event.status}
 
 
-@router.post("/api/pull")
+@api.post("/api/pull")
 async def pull(request: Request, state: AppState = Depends(app_state)) -> Any:
     body = await parse_body(request, PullBody)
     ref = parse_pull_ref(body.model or body.name)
@@ -341,18 +343,18 @@ class _Exchange:
             await apply_keep_alive(self.state, self.target.name, self.keep_alive)
 
 
-@router.post("/api/generate")
+@api.post("/api/generate")
 async def generate(request: Request, state: AppState = Depends(app_state)) -> Any:
     return await _Exchange(state, await parse_body(request, GenerateBody), chat=False).run()
 
 
-@router.post("/api/chat")
+@api.post("/api/chat")
 async def chat(request: Request, state: AppState = Depends(app_state)) -> Any:
     return await _Exchange(state, await parse_body(request, ChatBody), chat=True).run()
 
 
 # --- embeddings ------------------------------------------------------------------------------
-@router.post("/api/embed")
+@api.post("/api/embed")
 async def embed(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, EmbedBody)
     keep_alive = parse_keep_alive(body.keep_alive)
@@ -373,7 +375,7 @@ async def embed(request: Request, state: AppState = Depends(app_state)) -> dict[
     }
 
 
-@router.post("/api/embeddings")
+@api.post("/api/embeddings")
 async def embeddings(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     """The older endpoint: one prompt, one vector."""
     body = await parse_body(request, EmbeddingsBody)
@@ -384,3 +386,11 @@ async def embeddings(request: Request, state: AppState = Depends(app_state)) -> 
     finally:
         await apply_keep_alive(state, target.name, keep_alive)
     return {"embedding": result.embeddings[0]}
+
+
+@router.head("/", include_in_schema=False)
+async def alive() -> Response:
+    return Response(status_code=200)
+
+
+router.include_router(api)
