@@ -140,6 +140,7 @@ def test_rkllm_pull_fetches_tokenizer_files(hub: HubEmulator, pull_server: Rklla
     hub.add_file("test-user/npu-model", "npu-model.rkllm", random_bytes(MB))
     hub.add_file("test-user/npu-model", "tokenizer.json", b'{"model": {"type": "BPE"}}')
     hub.add_file("test-user/npu-model", "tokenizer_config.json", b'{"chat_template": "{{ messages }}"}')
+    hub.add_file("test-user/npu-model", "chat_template.jinja", b"{{ messages }}")
     hub.add_file("test-user/npu-model", "README.md", b"# not needed")
 
     status, lines, _ = pull(pull_server, "hf/test-user/npu-model/npu-model.rkllm")
@@ -148,6 +149,7 @@ def test_rkllm_pull_fetches_tokenizer_files(hub: HubEmulator, pull_server: Rklla
     folder = pull_server.models_dir / "npu-model"
     assert sorted(p.name for p in folder.iterdir()) == [
         "Modelfile",
+        "chat_template.jinja",
         "npu-model.rkllm",
         "tokenizer.json",
         "tokenizer_config.json",

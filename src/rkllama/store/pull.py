@@ -53,17 +53,13 @@ from .pulls import registry_for
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".pulls"
-# Files the rkllm engine reads next to the model (tokenizer and chat template).
+# Files the rkllm engine reads next to the model (tokenizer and chat template; see rkllm_prompt.py).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
     "generation_config.json",
-    "config.json",
 )
 # 1 MB reads instead of the library's 10 MB, so progress advances smoothly and memory stays low.
 constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
