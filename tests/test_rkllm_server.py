@@ -98,6 +98,7 @@ def test_every_runtime_abi_generates_and_stops_at_max_tokens(rkllm_server, abi):
     srv, log = rkllm_server(abi=abi)
     with srv.client() as client:
         assert content(generate(client, "one two three")) == "one two three"
+        assert content(generate(client, ECHO)) == ECHO  # whole characters only, whatever the ABI
         limited = generate(client, "one two three four five", max_tokens=2)
         assert content(limited) == "one two"
         assert limited.json()["choices"][0]["finish_reason"] == "length"
@@ -262,16 +263,18 @@ def test_tokenizer_files_give_token_input_and_modelfile_settings_reach_the_runti
     assert "input_type=1 " in run and "keep_history=0" in run  # tokens, from a clean cache
 
 
-def test_modelfile_prompt_template_is_set_on_the_runtime(rkllm_server, tmp_path):
+def test_modelfile_prompt_template_and_stop_strings(rkllm_server, tmp_path):
     folder = tmp_path / "models" / "templated"
     folder.mkdir(parents=True)
     (folder / "templated.rkllm").write_bytes(b"model")
     (folder / "Modelfile").write_text(
         'FROM="templated.rkllm"\nSYSTEM_PROMPT="You are terse."\nPROMPT_PREFIX="<u>"\nPROMPT_POSTFIX="<a>"\n'
+        'STOP="swer|never"\n'
     )
     srv, log = rkllm_server(models=(), load="templated")
     with srv.client() as client:
-        assert content(generate(client, "short answer")) == "short answer"
+        assert content(generate(client, "short answer")) == "short an"  # the Modelfile's stop string
+        assert content(generate(client, "short answer", stop=["ort"])) == "sh"  # the request's wins
     assert "chat_template system=[You are terse.] prefix=[<u>] postfix=[<a>]" in log_lines(log)
 
 

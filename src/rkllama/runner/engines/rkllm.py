@@ -155,7 +155,7 @@ class RkllmEngine:
     def _on_result(self, result: Any, _userdata: Any, state: int) -> int | None:
         try:
             if state == RKLLM_RUN_NORMAL:
-                text = result.contents.text
+                text = result.contents.text if result else None
                 self._events.put(("token", ctypes.string_at(text) if text else b""))
             elif state == RKLLM_RUN_WAITING:
                 # The token ended inside a UTF-8 character; the runtime sends it whole with
@@ -355,7 +355,8 @@ class RkllmEngine:
             if worker.is_alive():  # the consumer went away: stop the run before returning
                 self.lib.rkllm_abort(self._handle)
                 worker.join()
-        if outcome.error or outcome.return_code != 0:
+        # After an abort the runtime may end the run with an error of its own: not the client's problem.
+        if (outcome.error or outcome.return_code != 0) and not (ended_early or cancel.is_set()):
             raise EngineError(
                 "The rkllm runtime reported an error during generation "
                 f"(RKLLM_RUN_ERROR, rkllm_run returned {outcome.return_code}); see the runner log for its message."
