@@ -202,9 +202,8 @@ async def create(request: Request, state: AppState = Depends(app_state)) -> Any:
 
 # --- pull ----------------------------------------------------------------------------------
 def _progress(event: PullProgress) -> dict[str, Any]:
-    if event.status == "downloading":
-        return {"status": f"pulling {event.filename}", "total": event.total, "completed": event.completed}
-    return {"status": event.status}
+    status = f"pulling {event.filename}" if event.status == "downloading" else event.status
+    return {"status": status, "total": event.total, "completed": event.completed} if event.total else {"status": status}
 
 
 @api.post("/api/pull")
