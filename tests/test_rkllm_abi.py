@@ -115,6 +115,14 @@ def test_without_version_string_symbols_decide_or_the_user_must(tmp_path: Path, 
         rkllm_library.load_library()
 
 
+def test_bare_version_strings_count_only_when_they_are_runtime_releases(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("RKLLAMA_RKLLM_ABI", raising=False)
+    bare = build_double("1.3", tmp_path, "-DDOUBLE_NO_VERSION", "-DDOUBLE_BARE_VERSIONS", name="bare.so")
+    monkeypatch.setenv("RKLLAMA_RKLLM_LIB", str(bare))
+    library = rkllm_library.load_library()
+    assert (library.abi, library.version) == ("1.3", "1.3.0")
+
+
 def test_missing_library_names_what_to_install(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("RKLLAMA_RKLLM_LIB", str(tmp_path / "nowhere" / "librkllmrt.so"))
     with pytest.raises(EngineError, match="does not exist. Install librkllmrt.so from"):

@@ -27,7 +27,7 @@
 #include "rkllm_layout.h"
 
 /* -DDOUBLE_VERSION='"1.4.0"' pretends to be another release; -DDOUBLE_NO_VERSION leaves no
- * version string in the library (as a stripped build might). */
+ * "rkllm-runtime version: ..." string in the library; -DDOUBLE_BARE_VERSIONS adds bare ones. */
 #ifndef DOUBLE_VERSION
 #if RKLLM_ABI >= 130
 #define DOUBLE_VERSION "1.3.0"
@@ -38,6 +38,11 @@
 #else
 #define DOUBLE_VERSION "1.1.4"
 #endif
+#endif
+
+#ifdef DOUBLE_BARE_VERSIONS
+/* Bare version strings, one of them a bundled library's (as zlib's "1.2.13" might be). */
+__attribute__((used)) const char rkllm_double_bare_versions[] = "\0" "1.3.0" "\0" "1.2.13" "\0";
 #endif
 
 #ifndef DOUBLE_NO_VERSION

@@ -32,6 +32,8 @@ INSTALL_HINT = (
     f"{LIB_ENV} to its path. See docs/rkllm.md."
 )
 
+# Released runtime versions (rknn-llm tags), for telling its version apart from other bare strings.
+KNOWN_RELEASES = {"1.1.0", "1.1.1", "1.1.2", "1.1.3", "1.1.4", "1.2.0", "1.2.1", "1.2.2", "1.2.3", "1.3.0"}
 # The runtime logs "rkllm-runtime version: 1.2.1, ..." from a string inside the library.
 _VERSION_IN_LOG = re.compile(rb"rkllm-runtime version:? ?v?(\d+\.\d+\.\d+)")
 # Otherwise a bare version string ("1.2.1" or "1.2.1b1", maybe with a build suffix).
@@ -117,9 +119,10 @@ def _version_in_file(path: str) -> str | None:
     logged = _VERSION_IN_LOG.search(data)
     if logged:
         return logged[1].decode()
-    bare = {m[1].decode() for m in _BARE_VERSION.finditer(data)}
-    abis = {abi_for_version(v) for v in bare} - {None}
-    # Only trust bare strings when they agree on one ABI.
+    # A bare "1.2.13" may be a bundled library's (zlib): only released runtime versions count,
+    # and only when they agree on one ABI.
+    bare = {m[1].decode() for m in _BARE_VERSION.finditer(data)} & KNOWN_RELEASES
+    abis = {abi_for_version(v) for v in bare}
     return sorted(bare)[-1] if len(abis) == 1 else None
 
 
