@@ -209,6 +209,11 @@ class RkllmEngine:
             tokens = self.tokenizer.encode(text)
             if not tokens:
                 raise EngineError("The prompt is empty.")
+            if len(tokens) >= self.settings.max_context_len:
+                raise EngineError(
+                    f"The prompt is {len(tokens)} tokens, more than the model's context of "
+                    f"{self.settings.max_context_len}. Shorten it or set a larger NUM_CTX."
+                )
             array = (ctypes.c_int32 * len(tokens))(*tokens)
             rk_input.input_type = RKLLM_INPUT_TOKEN
             rk_input.token_input.input_ids = array
