@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -180,3 +182,38 @@ def test_serve_help_still_works(tmp_path: Path) -> None:
     )
     for command in ("serve", "list", "pull", "rm", "run", "ps", "load", "unload", "version"):
         assert command in result.stdout
+
+
+def test_run_on_a_terminal_prompts_and_leaves_with_ctrl_d(cli_server: RkllamaServer) -> None:
+    """`run` as a person uses it: stdin and stdout are a terminal (a pseudo-terminal here)."""
+    before = generate_count(cli_server)
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "RKLLAMA_HOST": cli_server.base_url, "TERM": "dumb"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rkllama", "run", DEFAULT_MODEL_NAME, "--max-tokens", "4"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    output = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal output
+        while output.count(marker) < count:
+            ready, _, _ = select.select([controller], [], [], 60)
+            assert ready, output
+            output += os.read(controller, 4096)
+
+    try:
+        read_until(b">>> ", 1)
+        os.write(controller, b"Hello\n")
+        read_until(b">>> ", 2)  # the reply streamed, then a new prompt
+        os.write(controller, b"\x04")  # Ctrl-D
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    assert generate_count(cli_server) == before + 1
