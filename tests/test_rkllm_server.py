@@ -314,3 +314,23 @@ def test_tools_go_to_the_runtime_template_and_tool_results_continue(rkllm_server
     assert client.chat(model=MODEL, messages=answered, tools=[WEATHER_TOOL]).message.content == "sunny"
     last_run = [line for line in log_lines(log) if line.startswith("run ")][-1]
     assert "role=tool " in last_run and "keep_history=1 " in last_run and "units=1 " in last_run
+
+
+def test_openai_chat_and_tool_calls_on_an_rkllm_model(rkllm_server):
+    import openai
+
+    srv, _ = rkllm_server(load=None)
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused")
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ECHO}])
+    assert reply.choices[0].message.content == ECHO
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 4)
+    # The double echoes a tool call written by the "user"; the dialect turns it into tool_calls.
+    call = '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
+    called = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": call}], tools=[WEATHER_TOOL]
+    )
+    tool_calls = called.choices[0].message.tool_calls
+    assert tool_calls and tool_calls[0].function.name == "get_weather"
+    assert json.loads(tool_calls[0].function.arguments) == {"city": "Paris"}
+    with pytest.raises(openai.APIStatusError, match="not supported by rkllm"):
+        client.embeddings.create(model=MODEL, input="hello")
