@@ -38,6 +38,7 @@ class HubFile:
     sha256: str
     git_sha1: str
     lfs: bool
+    advertised_size: int | None = None  # what HEAD claims, when a test wants it to lie
 
     def read(self, start: int, end: int) -> bytes:
         if isinstance(self.source, bytes):
@@ -103,7 +104,14 @@ class HubEmulator:
         if gated_token:
             self.gated[repo_id] = gated_token
 
-    def add_file(self, repo_id: str, path: str, source: bytes | Path, lfs: bool | None = None) -> HubFile:
+    def add_file(
+        self,
+        repo_id: str,
+        path: str,
+        source: bytes | Path,
+        lfs: bool | None = None,
+        advertised_size: int | None = None,
+    ) -> HubFile:
         self.add_repo(repo_id)
         sha256, git_sha1, size = _digests(source)
         entry = HubFile(
@@ -113,6 +121,7 @@ class HubEmulator:
             sha256=sha256,
             git_sha1=git_sha1,
             lfs=path.endswith(_LFS_SUFFIXES) if lfs is None else lfs,
+            advertised_size=advertised_size,
         )
         self.repos[repo_id][path] = entry
         return entry
@@ -242,7 +251,7 @@ def _handler_for(hub: HubEmulator) -> type[BaseHTTPRequestHandler]:
                     "X-Repo-Commit": COMMIT,
                     "ETag": f'"{entry.git_sha1}"',
                     "X-Linked-Etag": f'"{entry.sha256}"',
-                    "X-Linked-Size": str(entry.size),
+                    "X-Linked-Size": str(entry.advertised_size or entry.size),
                     "Content-Length": "0",
                 }
                 self._send(302, headers)

@@ -103,6 +103,7 @@ def test_pull_streams_progress_and_installs_a_model_folder(hub: HubEmulator, pul
         ("hf/test-user/missing-repo/model.gguf", "Repository test-user/missing-repo not found"),
         ("hf/test-user/tiny/no-such-file.gguf", "File no-such-file.gguf not found in test-user/tiny"),
         ("hf/test-user/private-gated/gated.gguf", "test-user/private-gated is a gated repository"),
+        ("hf/test-user/huge/huge.gguf", "Not enough disk space for huge.gguf"),
         ("hf/only/two", "Invalid model path"),
         ("hf/test-user/tiny/README.md", "only .gguf and .rkllm model files can be pulled"),
         ("hf/test-user/../tiny/x.gguf", "'..'"),
@@ -115,6 +116,7 @@ def test_pull_errors_are_400_and_leave_the_models_dir_alone(
     hub.add_repo("test-user/tiny")
     hub.add_repo("test-user/private-gated", gated_token="hf_someone_else")
     hub.add_file("test-user/private-gated", "gated.gguf", b"y" * 10)
+    hub.add_file("test-user/huge", "huge.gguf", b"z" * 10, advertised_size=10**18)  # an exabyte
     before = snapshot(pull_server.models_dir)
 
     status, _, error = pull(pull_server, model)
