@@ -114,6 +114,8 @@ def parse_pull_ref(ref: object) -> PullRef:
     if Path(pull_ref.filename).suffix.lower() not in MODEL_SUFFIXES:
         raise PullError(f"Cannot pull {pull_ref.filename}: only .gguf and .rkllm model files can be pulled.")
     check_model_name(pull_ref.model_name)
+    if pull_ref.model_name.startswith("."):
+        raise PullError(f"Cannot pull {pull_ref.filename}: a model name cannot start with '.' (it would be hidden).")
     return pull_ref
 
 
@@ -301,7 +303,10 @@ def _fetch_tokenizer_files(ref: PullRef, folder: Path) -> None:
 
 
 def _owned_by(folder: Path, ref: PullRef) -> bool:
-    modelfile = read_modelfile(folder / MODELFILE_NAME)
+    try:
+        modelfile = read_modelfile(folder / MODELFILE_NAME)
+    except BadRequest:  # an unreadable Modelfile: not provably ours, so never overwritten
+        return False
     return modelfile.get("HUGGINGFACE_PATH") == ref.repo_id and modelfile.get("FROM") in (None, "", ref.basename)
 
 
