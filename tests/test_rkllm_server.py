@@ -104,6 +104,15 @@ def test_every_runtime_abi_generates_and_stops_at_max_tokens(rkllm_server, abi):
         assert limited.json()["choices"][0]["finish_reason"] == "length"
         assert limited.json()["usage"]["completion_tokens"] == 2
         usage = generate(client, "one two three").json()["usage"]
+        # Embeddings: the last token's hidden state (RKLLM_INFER_GET_LAST_HIDDEN_LAYER).
+        embedded = client.post("/api/embed", json={"model": MODEL, "input": ["one two", "one two", "three"]})
+        assert embedded.status_code == 200, embedded.text
+        vectors = embedded.json()["embeddings"]
+        assert len(vectors) == 3 and len(vectors[0]) == 8
+        assert vectors[0] == vectors[1] != vectors[2]
+        assert embedded.json()["prompt_eval_count"] == 5
+        # Generation is unaffected afterwards.
+        assert content(generate(client, "four five")) == "four five"
     # Runtimes before 1.2.1 report no perf stats: the prompt's token count is unknown there.
     assert usage["prompt_tokens"] == (3 if abi in ("1.2", "1.3") else 0)
     assert usage["completion_tokens"] == 3
@@ -316,7 +325,7 @@ def test_tools_go_to_the_runtime_template_and_tool_results_continue(rkllm_server
     assert "role=tool " in last_run and "keep_history=1 " in last_run and "units=1 " in last_run
 
 
-def test_openai_chat_and_tool_calls_on_an_rkllm_model(rkllm_server):
+def test_openai_chat_tool_calls_and_embeddings_on_an_rkllm_model(rkllm_server):
     import openai
 
     srv, _ = rkllm_server(load=None)
@@ -332,5 +341,7 @@ def test_openai_chat_and_tool_calls_on_an_rkllm_model(rkllm_server):
     tool_calls = called.choices[0].message.tool_calls
     assert tool_calls and tool_calls[0].function.name == "get_weather"
     assert json.loads(tool_calls[0].function.arguments) == {"city": "Paris"}
-    with pytest.raises(openai.APIStatusError, match="not supported by rkllm"):
-        client.embeddings.create(model=MODEL, input="hello")
+    vectors = client.embeddings.create(model=MODEL, input=["hello world", "hello world", "other words"]).data
+    assert len(vectors[0].embedding) == 8  # the double's hidden size
+    assert vectors[0].embedding == vectors[1].embedding != vectors[2].embedding
+    assert abs(sum(v * v for v in vectors[0].embedding) - 1.0) < 1e-6

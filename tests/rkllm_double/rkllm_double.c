@@ -6,7 +6,8 @@
  * character first arrives cut inside that character with RKLLM_RUN_WAITING, then whole
  * with RKLLM_RUN_NORMAL (the vendor's own demos only read NORMAL text). It honours
  * max_new_tokens and rkllm_abort, keeps a word-counting "KV cache" across runs when
- * keep_history is set, and reports perf stats (1.2.1+).
+ * keep_history is set, and reports perf stats (1.2.1+). In RKLLM_INFER_GET_LAST_HIDDEN_LAYER mode
+ * it returns deterministic hidden states derived from the input.
  *
  * Environment:
  *   RKLLM_DOUBLE_LOG=path        append one line per call (init, run, abort, clear_kv_cache, ...)
@@ -232,6 +233,34 @@ static int first_multibyte(const char *s) {
     return -1;
 }
 
+/* RKLLM_INFER_GET_LAST_HIDDEN_LAYER: one result holding HIDDEN_SIZE floats per input unit; unit
+ * i's vector is derived from a hash of units 0..i (like a causal model's hidden state). */
+#define HIDDEN_SIZE 8
+static int hidden_layer_run(DoubleModel *m, char words[][MAX_WORD], int n, void *userdata) {
+    static float hidden[MAX_WORDS * HIDDEN_SIZE];
+    uint32_t hash = 2166136261u;
+    for (int i = 0; i < n; i++) {
+        for (const char *c = words[i]; *c; c++) hash = (hash ^ (unsigned char)*c) * 16777619u;
+        hash = (hash ^ ' ') * 16777619u;
+        for (int d = 0; d < HIDDEN_SIZE; d++) hidden[i * HIDDEN_SIZE + d] = (float)(((hash >> (d * 4)) & 0xF) + 1);
+    }
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    result.last_hidden_layer.hidden_states = hidden;
+    result.last_hidden_layer.embd_size = HIDDEN_SIZE;
+    result.last_hidden_layer.num_tokens = n;
+#if RKLLM_ABI >= 120
+    emit(m, &result, userdata, RKLLM_RUN_NORMAL);
+#else
+    emit(m, &result, userdata, RKLLM_RUN_GET_LAST_HIDDEN_LAYER);
+#endif
+    memset(&result, 0, sizeof result);
+    emit(m, &result, userdata, RKLLM_RUN_FINISH);
+    m->cache_len = 0;
+    log_line("hidden_layer tokens=%d", n);
+    return 0;
+}
+
 int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
     DoubleModel *m = handle;
     if (!m || !input || !infer) return -1;
@@ -262,6 +291,7 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
 #endif
     log_line("run input_type=%d role=%s enable_thinking=%d keep_history=%d cache_before=%d units=%d limit=%d",
              input->input_type, role, thinking, keep_history, m->cache_len, n, limit);
+    if (infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) return hidden_layer_run(m, words, n, userdata);
     m->running = 1;
     double started = now_ms();
     double first_token = started;

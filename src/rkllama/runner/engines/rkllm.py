@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import queue
 import threading
 import time
@@ -40,10 +41,12 @@ from ...types import (
 from .base import EngineError, LoadSpec
 from .rkllm_abi import (
     RKLLM_INFER_GENERATE,
+    RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
     RKLLM_INPUT_PROMPT,
     RKLLM_INPUT_TOKEN,
     RKLLM_RUN_ERROR,
     RKLLM_RUN_FINISH,
+    RKLLM_RUN_GET_LAST_HIDDEN_LAYER,
     RKLLM_RUN_NORMAL,
     RKLLM_RUN_WAITING,
     LLMHandle,
@@ -83,6 +86,18 @@ class _RunOutcome:
     first_token_at: float | None = None
 
 
+def _last_token_vector(result: Any) -> tuple[list[float], int]:
+    """Copy the last token's row out of the runtime's hidden-state buffer (valid only
+    during the callback)."""
+    if not result:
+        return [], 0
+    layer = result.contents.last_hidden_layer
+    if not layer.hidden_states or layer.embd_size <= 0 or layer.num_tokens <= 0:
+        return [], 0
+    start = (layer.num_tokens - 1) * layer.embd_size
+    return list(layer.hidden_states[start : start + layer.embd_size]), layer.num_tokens
+
+
 class RkllmEngine:
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
@@ -106,6 +121,7 @@ class RkllmEngine:
         self._conversation: list[ChatMessage] | None = None  # what the runtime's KV cache holds
         self._tools: str | None = None  # the tools last given to rkllm_set_function_tools
         self._cache_dirty = False
+        self._capture_hidden = False  # embed: the callback copies hidden states instead of text
         self.info = ModelInfo(
             engine="rkllm",
             context_length=self.settings.max_context_len,
@@ -154,7 +170,9 @@ class RkllmEngine:
     # --- the runtime's callback (on its thread) --------------------------------------
     def _on_result(self, result: Any, _userdata: Any, state: int) -> int | None:
         try:
-            if state == RKLLM_RUN_NORMAL:
+            if self._capture_hidden and state in (RKLLM_RUN_NORMAL, RKLLM_RUN_GET_LAST_HIDDEN_LAYER):
+                self._events.put(("hidden", *_last_token_vector(result)))
+            elif state == RKLLM_RUN_NORMAL:
                 text = result.contents.text if result else None
                 self._events.put(("token", ctypes.string_at(text) if text else b""))
             elif state == RKLLM_RUN_WAITING:
@@ -414,7 +432,67 @@ class RkllmEngine:
         )
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
-        raise EngineError("Embeddings are not supported by rkllm models; use a GGUF embedding model.")
+        """The last token's hidden state (RKLLM_INFER_GET_LAST_HIDDEN_LAYER), L2-normalised,
+        one input at a time from a clean KV cache."""
+        vectors: list[list[float]] = []
+        prompt_tokens = 0
+        for text in request.inputs:
+            vector, tokens = self._hidden_state(text, request.truncate)
+            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+            vectors.append([v / norm for v in vector])
+            prompt_tokens += tokens
+        return EmbedResult(embeddings=vectors, prompt_tokens=prompt_tokens)
+
+    def _hidden_state(self, text: str, truncate: bool) -> tuple[list[float], int]:
+        rk_input = self.abi.Input()
+        buffers: list[Any] = []
+        if self.abi.has_perf:
+            rk_input.role = b"user"
+        if self.tokenizer is not None:
+            tokens = self.tokenizer.encode(text)
+            room = self.settings.max_context_len - 1
+            if len(tokens) > room:
+                if not truncate:
+                    raise EngineError(
+                        f"An input is {len(tokens)} tokens, longer than the context, and truncate is false."
+                    )
+                tokens = tokens[:room]
+            array = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
+            buffers.append(array)
+            rk_input.input_type = RKLLM_INPUT_TOKEN
+            rk_input.token_input.input_ids = array
+            rk_input.token_input.n_tokens = len(tokens)
+        else:
+            encoded = ctypes.create_string_buffer(text.encode("utf-8"))
+            buffers.append(encoded)
+            rk_input.input_type = RKLLM_INPUT_PROMPT
+            rk_input.prompt_input = ctypes.cast(encoded, ctypes.c_char_p)
+        infer = self.abi.InferParam()
+        infer.mode = RKLLM_INFER_GET_LAST_HIDDEN_LAYER
+        if self._cache_dirty:
+            self._clear_kv_cache()
+        self._conversation = None
+        while not self._events.empty():
+            self._events.get_nowait()
+        self._capture_hidden = True
+        try:
+            code = self.lib.rkllm_run(self._handle, ctypes.byref(rk_input), ctypes.byref(infer), None)
+        finally:
+            self._capture_hidden = False
+        hidden: tuple[list[float], int] | None = None
+        failed = code != 0
+        while not self._events.empty():
+            event = self._events.get_nowait()
+            if event[0] == "hidden" and event[1]:
+                hidden = (event[1], event[2])
+            elif event[0] in ("error", "internal"):
+                failed = True
+        if failed or hidden is None:
+            raise EngineError(
+                f"The rkllm runtime returned no hidden state for the input (rkllm_run returned {code}); "
+                "this model or runtime may not support embeddings."
+            )
+        return hidden
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
