@@ -1,6 +1,8 @@
 /* The librkllmrt C interface, one layout per runtime ABI, for the test double and the
  * layout program. Written from the published rkllm.h of airockchip/rknn-llm; select the
- * ABI with -DRKLLM_ABI=110 (1.1.x), 120 (1.2.0), 121 (1.2.1-1.2.3) or 130 (1.3.0). */
+ * ABI with -DRKLLM_ABI=110 (1.1.x), 120 (1.2.0), 121 (1.2.1-1.2.3) or 130 (1.3.0).
+ * abi_layout.c printed identical sizes and offsets when compiled against this file and
+ * against the vendor's own rkllm.h of release-v1.1.4, v1.2.0, v1.2.1, v1.2.3 and v1.3.0. */
 #ifndef RKLLM_LAYOUT_H
 #define RKLLM_LAYOUT_H
 
