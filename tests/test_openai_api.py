@@ -199,3 +199,9 @@ def test_errors_have_openai_shape(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=MODEL, messages=ask("hi"), temperature="warm")  # type: ignore[arg-type]
     assert "temperature" in error.value.body["message"]
+
+
+def test_a_failure_before_the_first_token_is_an_http_error_when_streaming(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as error:
+        list(client.chat.completions.create(model=MODEL, messages=ask("word " * 6000), stream=True))
+    assert "more than the model's context" in error.value.body["message"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,6 +67,32 @@ async def load_target(state: AppState, requested: object, num_ctx: int | None = 
     model = await scheduler.load(entry.name, overrides)
     fresh = loaded is None or model is not loaded
     return Target(model=model, name=entry.name, load_seconds=model.load_seconds if fresh else 0.0, started=started)
+
+
+Event = TypeVar("Event")
+
+
+async def started(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """Run a generation up to its first event before the response starts, so a failure
+    there (a prompt longer than the context, a bad schema) keeps its HTTP status."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def chained() -> AsyncIterator[Event]:
+        try:
+            if first is not None:
+                yield first
+                async for event in events:
+                    yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return chained()
 
 
 # --- keep_alive ----------------------------------------------------------------------

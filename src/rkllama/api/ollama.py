@@ -30,7 +30,7 @@ from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest
 from .auth import require_api_key
 from .common import AppState, app_state
-from .dialect import ReplyText, Target, apply_keep_alive, load_target, parse_body, parse_keep_alive
+from .dialect import ReplyText, Target, apply_keep_alive, load_target, parse_body, parse_keep_alive, started
 from .ollama_wire import (
     ChatBody,
     CopyBody,
@@ -305,6 +305,11 @@ class _Exchange:
         events = self.state.scheduler.generate(self.target.model, self.request)
         if not self.body.stream:
             return await self._collect(events)
+        try:
+            events = await started(events)
+        except BaseException:
+            await apply_keep_alive(self.state, self.target.name, self.keep_alive)
+            raise
         return StreamingResponse(_ndjson(self._stream(events)), media_type=NDJSON)
 
     async def _collect(self, events: AsyncIterator[Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest, Usage
 from .auth import require_api_key
 from .common import AppState, app_state
-from .dialect import ReplyText, load_target, parse_body
+from .dialect import ReplyText, load_target, parse_body, started
 from .openai_wire import ChatBody, CompletionBody, EmbeddingsBody
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -156,7 +156,7 @@ async def _complete(state: AppState, body: ChatBody | CompletionBody, chat: bool
     completion = _Completion(body, generate_request, chat)
     events = state.scheduler.generate(target.model, generate_request)
     if body.stream:
-        return _sse(completion.stream(events))
+        return _sse(completion.stream(await started(events)))
     parts: list[str] = []
     done: DoneEvent | None = None
     async for event in events:
