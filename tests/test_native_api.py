@@ -438,3 +438,11 @@ def test_unload_during_generation_stops_it_with_a_clear_error(start_server):
             rest = [json.loads(line) for line in lines if line]
         assert rest[-1] == {"error": f"Model {DEFAULT_MODEL_NAME} was unloaded while answering this request."}
     assert srv.runner_pids() == []
+
+
+def test_prompt_longer_than_the_context_is_a_400(server):
+    with server.client() as client:
+        response = generate(client, messages="word " * 6000, max_tokens=2)
+        assert response.status_code == 400
+        assert "context" in response.json()["error"]
+        assert generate(client, messages="Hi", max_tokens=2).status_code == 200

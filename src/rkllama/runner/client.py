@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import ModelLoadError, RunnerError
+from ..errors import BadRequest, ModelLoadError, RunnerError
 from ..types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent, Usage
 from .engines.base import LoadSpec
 from .protocol import RUNNER_MODULE, decode, encode
@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 # How long a cancelled request may take to stop before the runner is killed.
 CANCEL_GRACE_SECONDS = 10.0
+
+
+def _request_error(message: dict[str, Any]) -> BadRequest | RunnerError:
+    text = message.get("message") or "The runner failed."
+    return BadRequest(text) if message.get("client_error") else RunnerError(text)
 
 
 class RunnerProcess:
@@ -152,7 +157,7 @@ class RunnerProcess:
                             return
                         else:
                             finished = True
-                            raise RunnerError(message.get("message") or "The runner failed.")
+                            raise _request_error(message)
                 finally:
                     if not finished and self.alive:
                         # The client went away (or the task was cancelled): stop the runner's
@@ -195,7 +200,7 @@ class RunnerProcess:
                 await self._send({"op": op, "id": request_id, **fields})
                 message = await self._receive_for(request_id)
                 if message.get("type") != "result":
-                    raise RunnerError(message.get("message") or "The runner failed.")
+                    raise _request_error(message)
                 return message["value"]
         finally:
             self.pending -= 1

@@ -55,7 +55,7 @@ def _serve_one(engine: Engine, message: dict[str, Any], cancel: threading.Event,
         else:
             conn.send({"id": request_id, "type": "error", "message": f"Unknown operation {op!r}."})
     except EngineError as exc:
-        conn.send({"id": request_id, "type": "error", "message": str(exc)})
+        conn.send({"id": request_id, "type": "error", "message": str(exc), "client_error": exc.client_error})
     except Exception as exc:  # the runner must answer, whatever the engine did
         traceback.print_exc()
         conn.send({"id": request_id, "type": "error", "message": f"{type(exc).__name__}: {exc}"})

@@ -31,7 +31,15 @@ class LoadSpec:
 
 
 class EngineError(Exception):
-    """A clear, client-facing failure inside the engine (bad grammar, runtime error)."""
+    """A clear, client-facing refusal of a request (prompt too long, bad schema): a 400."""
+
+    client_error = True
+
+
+class EngineRuntimeError(EngineError):
+    """The engine failed while running a valid request (a native runtime error): a 502."""
+
+    client_error = False
 
 
 class Engine(Protocol):

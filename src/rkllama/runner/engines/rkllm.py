@@ -38,7 +38,7 @@ from ...types import (
     TokenEvent,
     Usage,
 )
-from .base import EngineError, LoadSpec
+from .base import EngineError, EngineRuntimeError, LoadSpec
 from .rkllm_abi import (
     RKLLM_INFER_GENERATE,
     RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
@@ -380,7 +380,7 @@ class RkllmEngine:
                 worker.join()
         # After an abort the runtime may end the run with an error of its own: not the client's problem.
         if (outcome.error or outcome.return_code != 0) and not (ended_early or cancel.is_set()):
-            raise EngineError(
+            raise EngineRuntimeError(
                 "The rkllm runtime reported an error during generation "
                 f"(RKLLM_RUN_ERROR, rkllm_run returned {outcome.return_code}); see the runner log for its message."
             )
