@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -76,14 +77,14 @@ def _details(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-async def _model_summary(entry: ModelEntry) -> dict[str, Any]:
+async def _model_summary(entry: ModelEntry, root: Path) -> dict[str, Any]:
     name = ollama_name(entry.name)
     return {
         "name": name,
         "model": name,
         "modified_at": entry.modified.isoformat(),
         "size": entry.size,
-        "digest": await file_digest(entry.path),
+        "digest": await file_digest(entry.path, root),
         "details": _details(entry),
     }
 
@@ -95,7 +96,7 @@ async def version() -> dict[str, str]:
 
 @api.get("/api/tags")
 async def tags(state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return {"models": [await _model_summary(entry) for entry in state.store.list_models()]}
+    return {"models": [await _model_summary(entry, state.store.root) for entry in state.store.list_models()]}
 
 
 @api.post("/api/show")
@@ -127,7 +128,7 @@ async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
     models = []
     now_wall, now_mono = datetime.now(UTC), time.monotonic()
     for loaded in state.scheduler.loaded():
-        summary = await _model_summary(loaded.entry)
+        summary = await _model_summary(loaded.entry, state.store.root)
         left = FOREVER if loaded.expires_at is None else timedelta(seconds=max(0.0, loaded.expires_at - now_mono))
         summary.update(expires_at=(now_wall + left).isoformat(), size_vram=0, context_length=loaded.info.context_length)
         summary.pop("modified_at")

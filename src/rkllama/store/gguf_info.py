@@ -2,14 +2,20 @@
 quantization (read from the GGUF header without loading the model) and a sha256 digest.
 
 Both are cached per file (path, size, mtime), since clients poll the tag list. The
-digest hashes the whole file once, in a worker thread.
+digest hashes the whole file once, in a worker thread, and is remembered across restarts in
+`<models dir>/.digests.json` (a dot-file: never listed), as hashing gigabytes on a small
+board takes a while.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
+import os
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -146,9 +152,41 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def file_digest(path: Path) -> str:
-    """sha256 of the model file, hex; computed once per file version."""
+DIGESTS_FILE = ".digests.json"
+
+
+def _load_digests(root: Path) -> dict[str, str]:
+    try:
+        data = json.loads((root / DIGESTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    )
+
+
+def _save_digests(root: Path, digests: dict[str, str]) -> None:
+    """Written whole to a temp file then renamed; a failure only costs a rehash later."""
+    with contextlib.suppress(OSError):
+        fd, temp = tempfile.mkstemp(prefix=".digests.", suffix=".tmp", dir=root)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(digests, handle)
+        os.replace(temp, root / DIGESTS_FILE)
+
+
+async def file_digest(path: Path, root: Path | None = None) -> str:
+    """sha256 of the model file, hex; computed once per file version (remembered in `root`)."""
     key = _key(path)
-    if key not in _digest_cache:
-        _digest_cache[key] = await asyncio.to_thread(_sha256, path)
-    return _digest_cache[key]
+    if key in _digest_cache:
+        return _digest_cache[key]
+    persisted = _load_digests(root) if root is not None else {}
+    record = f"{path.relative_to(root) if root is not None else path}|{key[1]}|{key[2]}"
+    digest = persisted.get(record)
+    if digest is None:
+        digest = await asyncio.to_thread(_sha256, path)
+        if root is not None:
+            persisted = {k: v for k, v in _load_digests(root).items() if (root / k.split("|")[0]).exists()}
+            persisted[record] = digest
+            _save_digests(root, persisted)
+    _digest_cache[key] = digest
+    return digest
