@@ -244,8 +244,8 @@ def test_a_failure_before_the_first_token_keeps_its_http_status(client: ollama.C
     too_long = "word " * 6000  # more tokens than the loaded context of 4096
     with pytest.raises(ollama.ResponseError) as error:
         client.generate(model=MODEL, prompt=too_long)
-    assert error.value.status_code > 0 and "more than the model's context" in error.value.error
+    assert error.value.status_code == 400 and "more than the model's context" in error.value.error
     with pytest.raises(ollama.ResponseError) as error:
         list(client.generate(model=MODEL, prompt=too_long, stream=True))
     # An HTTP error status (the client gives -1 for an error line in a started stream).
-    assert error.value.status_code > 0 and "more than the model's context" in error.value.error
+    assert error.value.status_code == 400 and "more than the model's context" in error.value.error
