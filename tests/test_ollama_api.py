@@ -249,3 +249,10 @@ def test_a_failure_before_the_first_token_keeps_its_http_status(client: ollama.C
         list(client.generate(model=MODEL, prompt=too_long, stream=True))
     # An HTTP error status (the client gives -1 for an error line in a started stream).
     assert error.value.status_code == 400 and "more than the model's context" in error.value.error
+
+
+def test_think_with_a_model_that_does_not_think_gives_plain_content(client: ollama.Client) -> None:
+    reply = client.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], think=True, options=SHORT)
+    assert reply.message.content and not reply.message.thinking
+    parts = list(client.generate(model=MODEL, prompt="Hi", think=True, options=SHORT, stream=True))
+    assert "".join(p.response or "" for p in parts) and not any(p.thinking for p in parts)

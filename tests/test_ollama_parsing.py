@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllama.api.dialect import ReplyText, parse_keep_alive
+from rkllama.api.dialect import ReplyText, ThinkingSplitter, parse_keep_alive
 from rkllama.errors import BadRequest, Conflict, ModelNotFound
 from rkllama.store.models_dir import ModelStore
 from rkllama.store.names import new_store_name, ollama_name, openai_id, resolve_model
@@ -120,3 +120,23 @@ def test_name_mapping(tmp_path: Path) -> None:
     for invalid in ("../up", "a/b", ".hidden", ""):
         with pytest.raises(BadRequest):
             new_store_name(store, invalid)
+
+
+@pytest.mark.parametrize(
+    "pieces", [["<think>Hmm, 2+2.</think>\n\nIt is 4."], list("<think>Hmm, 2+2.</think>\n\nIt is 4.")]
+)
+def test_thinking_is_split_from_the_answer_as_it_streams(pieces: list[str]) -> None:
+    splitter = ThinkingSplitter()
+    outputs = [splitter.feed(piece) for piece in pieces] + [splitter.finish()]
+    assert "".join(t for t, _ in outputs) == "Hmm, 2+2."
+    assert "".join(c for _, c in outputs) == "It is 4."
+
+
+def test_a_reply_without_thinking_is_all_content() -> None:
+    splitter = ThinkingSplitter()
+    assert splitter.feed(" <") == ("", "")
+    assert splitter.feed("b>4") == ("", " <b>4")
+    assert splitter.finish() == ("", "")
+    unfinished = ThinkingSplitter()
+    assert unfinished.feed("<think>still going</thi") == ("still going", "")
+    assert unfinished.finish() == ("</thi", "")

@@ -57,6 +57,8 @@ async def load_target(state: AppState, requested: object, num_ctx: int | None = 
     A `num_ctx` that differs from the loaded model's context reloads it (unless it is
     busy answering, when the request uses it as it is)."""
     started = time.perf_counter()
+    if num_ctx is not None and num_ctx < 1:
+        raise BadRequest(f"'num_ctx' must be a positive number of tokens, got {num_ctx}.")
     entry = resolve_model(state.store, requested)
     scheduler = state.scheduler
     loaded = scheduler.get_loaded(entry.name)
@@ -163,3 +165,48 @@ class ReplyText:
         """Text still held back, and the tool calls it held."""
         held, self._held = self._held, ""
         return parse_tool_calls(held, self.tools) if held else ("", [])
+
+
+# --- thinking ------------------------------------------------------------------------------
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ThinkingSplitter:
+    """Splits a reply that opens with `<think>...</think>` into (thinking, content), as text
+    streams in. A partial tag at the end of a piece is held back until the next one."""
+
+    def __init__(self) -> None:
+        self._state = "start"  # then "thinking" or "content"
+        self._held = ""
+        self._after_thinking = False
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self._held += text
+        if self._state == "start":
+            head = self._held.lstrip()
+            if head.startswith(THINK_OPEN):
+                self._state, self._held = "thinking", head[len(THINK_OPEN) :].lstrip()
+            elif not head or THINK_OPEN.startswith(head):
+                return "", ""
+            else:
+                self._state = "content"
+        if self._state == "content":
+            out, self._held = self._held, ""
+            if self._after_thinking:  # the blank lines after </think> are not part of the answer
+                out = out.lstrip()
+                self._after_thinking = not out
+            return "", out
+        end = self._held.find(THINK_CLOSE)
+        if end >= 0:
+            thinking, rest = self._held[:end], self._held[end + len(THINK_CLOSE) :].lstrip()
+            self._state, self._held, self._after_thinking = "content", "", not rest
+            return thinking, rest
+        keep = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1) if self._held.endswith(THINK_CLOSE[:n])), 0)
+        out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        return out, ""
+
+    def finish(self) -> tuple[str, str]:
+        held, self._held = self._held, ""
+        if self._state == "thinking":
+            return held, ""
+        return "", held.lstrip() if self._after_thinking else held

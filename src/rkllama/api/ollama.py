@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from .. import __version__
-from ..errors import BadRequest, RkllamaError
+from ..errors import BadRequest, Conflict, RkllamaError
 from ..store.derive import derive_model
 from ..store.gguf_info import file_digest, gguf_info, parameter_size
 from ..store.models_dir import ModelEntry
@@ -27,11 +27,21 @@ from ..store.ollama_modelfile import (
     render_parameters,
 )
 from ..store.pull import PullProgress, parse_pull_ref, pull_model
+from ..store.pulls import is_being_pulled
 from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest
 from .auth import require_api_key
 from .common import AppState, app_state
-from .dialect import ReplyText, Target, apply_keep_alive, load_target, parse_body, parse_keep_alive, started
+from .dialect import (
+    ReplyText,
+    Target,
+    ThinkingSplitter,
+    apply_keep_alive,
+    load_target,
+    parse_body,
+    parse_keep_alive,
+    started,
+)
 from .ollama_wire import (
     ChatBody,
     CopyBody,
@@ -140,6 +150,8 @@ async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
 async def delete(request: Request, state: AppState = Depends(app_state)) -> Response:
     body = await parse_body(request, ModelBody)
     entry = resolve_model(state.store, body.target)
+    if is_being_pulled(state.store, entry.name):
+        raise Conflict(f"The model {body.target} is being pulled; wait for the pull to finish, then delete it.")
     await state.scheduler.unload(entry.name)  # its runner lets go of the file first
     state.store.delete(entry.name)
     return Response(status_code=200)
@@ -276,19 +288,26 @@ class _Exchange:
             return not self.request.messages
         return not (self.body.prompt or "")  # type: ignore[union-attr]
 
-    def _piece(self, text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
-        assert self.target is not None
+    def _piece(self, text: str, calls: list[ToolCall] | None = None, thinking: str = "") -> dict[str, Any]:
         head = {"model": self.body.model, "created_at": _now()}
-        if self.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if calls:
-                message["tool_calls"] = _tool_calls(calls)
-            return {**head, "message": message, "done": False}
-        return {**head, "response": text, "done": False}
+        if not self.chat:
+            return {**head, "response": text, **({"thinking": thinking} if thinking else {}), "done": False}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = _tool_calls(calls)
+        return {**head, "message": message, "done": False}
 
-    def _final(self, done: DoneEvent | None, text: str = "", calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    def _final(
+        self, done: DoneEvent | None, text: str = "", calls: list[ToolCall] | None = None, thinking: str = ""
+    ) -> dict[str, Any]:
         assert self.target is not None
-        return {**self._piece(text, calls), "done": True, **_timings(self.target, done)}
+        return {**self._piece(text, calls, thinking), "done": True, **_timings(self.target, done)}
+
+    def _splitter(self) -> ThinkingSplitter | None:
+        """With `think`, a reply opening with <think>...</think> has its reasoning split out."""
+        return ThinkingSplitter() if self.body.think else None
 
     async def _load_only(self) -> dict[str, Any]:
         """An empty prompt only loads (or, with keep_alive 0, unloads) the model, as in Ollama."""
@@ -325,21 +344,32 @@ class _Exchange:
                     parts.append(event.text)
         finally:
             await apply_keep_alive(self.state, self.target.name, self.keep_alive)
-        text, calls = parse_tool_calls("".join(parts), self.request.tools) if self.chat else ("".join(parts), [])
-        return self._final(done, text, calls)
+        text, thinking = "".join(parts), ""
+        if splitter := self._splitter():
+            (thinking, text), (thinking_rest, text_rest) = splitter.feed(text), splitter.finish()
+            thinking, text = thinking + thinking_rest, text + text_rest
+        text, calls = parse_tool_calls(text, self.request.tools) if self.chat else (text, [])
+        return self._final(done, text, calls, thinking)
 
     async def _stream(self, events: AsyncIterator[Any]) -> AsyncIterator[dict[str, Any]]:
         assert self.target is not None
         reply = ReplyText(self.request.tools if self.chat else None)
+        splitter = self._splitter()
         try:
             async for event in events:
-                if isinstance(event, DoneEvent):
+                done = isinstance(event, DoneEvent)
+                thinking, text = "", ("" if done else event.text)
+                if splitter is not None:
+                    thinking, text = splitter.finish() if done else splitter.feed(event.text)
+                if thinking:
+                    yield self._piece("", thinking=thinking)
+                if out := reply.feed(text):
+                    yield self._piece(out)
+                if done:
                     text, calls = reply.finish()
                     if text or calls:
                         yield self._piece(text, calls)
                     yield self._final(event)
-                elif out := reply.feed(event.text):
-                    yield self._piece(out)
         except RkllamaError as exc:
             # Headers are sent already: the error is the stream's last line.
             yield {"error": exc.message}
