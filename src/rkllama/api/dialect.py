@@ -9,6 +9,7 @@ current model that the native /generate uses.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -34,9 +35,25 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise BadRequest(f"Invalid request: '{where}': {first['msg']}.") from None
+        loc = [str(part) for part in exc.errors()[0]["loc"]]
+        union = next((i for i, part in enumerate(loc) if part in _TYPE_TAGS or "[" in part or "-" in part), None)
+        if union is None:
+            raise BadRequest(f"Invalid request: '{'.'.join(loc)}': {exc.errors()[0]['msg']}.") from None
+        # A field of several accepted types: pydantic complains once per type; say it once.
+        where = ".".join(loc[:union])
+        raise BadRequest(f"Invalid request: '{where}' has the wrong type: {json.dumps(_value(data, where))}.") from None
+
+
+def _value(data: Any, where: str) -> Any:
+    for part in where.split("."):
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+    return data
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "model"}
 
 
 # --- loading -------------------------------------------------------------------------

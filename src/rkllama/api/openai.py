@@ -35,7 +35,10 @@ _ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found"}
 def render_error(status: int, message: str) -> JSONResponse:
     """OpenAI's error shape; app.py uses it for every error under /v1/."""
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    error = {"message": message, "type": kind, "param": None, "code": _ERROR_CODES.get(status)}
+    code = _ERROR_CODES.get(status)
+    if status == 404 and not message.startswith("model '"):
+        code = None  # a route, not a model, was not found
+    error = {"message": message, "type": kind, "param": None, "code": code}
     return JSONResponse({"error": error}, status_code=status)
 
 
