@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import openai
 import pytest
@@ -205,3 +206,20 @@ def test_a_failure_before_the_first_token_is_an_http_error_when_streaming(client
     with pytest.raises(openai.BadRequestError) as error:
         list(client.chat.completions.create(model=MODEL, messages=ask("word " * 6000), stream=True))
     assert "more than the model's context" in error.value.body["message"]
+
+
+def test_closing_a_stream_stops_generation(client: openai.OpenAI, server) -> None:
+    marker = "cancelled; the runner stopped after"
+    before = server.log().count(marker)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask("Write a very long story."), max_tokens=2000, stream=True
+    )
+    for _ in range(4):
+        next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while server.log().count(marker) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count(marker) == before + 1
+    reply = client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+    assert reply.usage.completion_tokens == 2
