@@ -117,7 +117,7 @@ def test_name_mapping(tmp_path: Path) -> None:
     for taken in ("qwen", "QWEN:latest", "mine:v1"):
         with pytest.raises(Conflict):
             new_store_name(store, taken)
-    for invalid in ("../up", "a/b", ".hidden", ""):
+    for invalid in ("../up", "a/b", ".hidden", "", "copy.gguf"):
         with pytest.raises(BadRequest):
             new_store_name(store, invalid)
 

@@ -80,8 +80,8 @@ def new_store_name(store: ModelStore, requested: object) -> str:
     name = requested.strip()
     name = name[: -len(LATEST)] if name.endswith(LATEST) else name
     check_model_name(name)
-    if name.startswith("."):
-        raise BadRequest(f"Invalid model name {requested!r}: it must not start with '.'.")
+    if name.startswith(".") or _strip_suffix(name) != name:
+        raise BadRequest(f"Invalid model name {requested!r}: it must not start with '.' or end with a model suffix.")
     taken = {n.lower() for n in store.names()} | {_strip_suffix(n).lower() for n in store.names()}
     if name.lower() in taken or (store.root / name).exists():
         raise Conflict(f"A model named {requested!r} already exists; delete it first.")
