@@ -210,7 +210,13 @@ def test_bad_input_is_a_clear_400(client: ollama.Client, server) -> None:
     assert error.value.status_code == 400 and "keep_alive" in error.value.error
     with server.client() as http:
         response = http.post("/api/chat", content=b"{not json")
-    assert response.status_code == 400 and "JSON" in response.json()["error"]
+        assert response.status_code == 400 and "JSON" in response.json()["error"]
+        response = http.post("/api/generate", json={"model": MODEL, "prompt": "hi", "format": "yaml"})
+        assert response.status_code == 400 and response.json()["error"] == (
+            "Invalid request: 'format' has the wrong type: \"yaml\"."
+        )
+        response = http.post("/api/embed", json={"model": MODEL, "input": [1, 2]})
+        assert response.status_code == 400 and "'input' has the wrong type" in response.json()["error"]
 
 
 def test_curl_style_form_content_type_is_read_as_json(server) -> None:

@@ -36,7 +36,7 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         return model.model_validate(data)
     except ValidationError as exc:
         loc = [str(part) for part in exc.errors()[0]["loc"]]
-        union = next((i for i, part in enumerate(loc) if part in _TYPE_TAGS or "[" in part or "-" in part), None)
+        union = next((i for i, part in enumerate(loc) if part in _TYPE_TAGS or "[" in part), None)
         if union is None:
             raise BadRequest(f"Invalid request: '{'.'.join(loc)}': {exc.errors()[0]['msg']}.") from None
         # A field of several accepted types: pydantic complains once per type; say it once.
@@ -53,7 +53,8 @@ def _value(data: Any, where: str) -> Any:
     return data
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "model"}
+# How pydantic names the members of a union in an error's location (`input.str`, `stop.list[str]`).
+_TYPE_TAGS = {"str", "int", "float", "bool"}
 
 
 # --- loading -------------------------------------------------------------------------
