@@ -312,17 +312,32 @@ def test_runner_killed_mid_generation(start_server):
         assert generate(client, messages="Hi", max_tokens=3).status_code == 200
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_runner_killed_during_non_stream_request(start_server):
     srv = start_server()
     (runner,) = srv.runner_pids()
-    killer = threading.Timer(1.0, os.kill, (runner, signal.SIGKILL))
+    idle = cpu_seconds(runner)
+
+    def kill_once_generating() -> None:
+        # Greedy, this prompt runs for ~400 tokens (seconds): kill once the runner is busy.
+        deadline = time.monotonic() + 30
+        while cpu_seconds(runner) < idle + 0.3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(runner, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_generating)
     killer.start()
     with srv.client() as client:
-        response = generate(client, messages="Tell a very long story.", max_tokens=5000, temperature=1.5)
+        response = generate(client, messages="Tell a very long story.", max_tokens=3000, **GREEDY)
         killer.join()
         assert response.status_code == 502
         assert "SIGKILL" in response.json()["error"]
         assert client.get("/").status_code == 200
+        assert client.get("/current_model").json() == NO_MODEL
 
 
 # --- model folders and Modelfile -----------------------------------------------------------------
