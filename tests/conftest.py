@@ -29,8 +29,9 @@ def free_port() -> int:
 class RkllamaServer:
     """A running `rkllama serve` subprocess."""
 
-    def __init__(self, models_dir: Path, log_path: Path, args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, models_dir: Path, log_path: Path, args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.models_dir = models_dir
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -38,9 +39,23 @@ class RkllamaServer:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "RKLLAMA_LOG_LEVEL": "info", **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rkllama", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--models", str(models_dir), *(args or [])],
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "rkllama",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--models",
+                str(models_dir),
+                *(args or []),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
         )
 
     def client(self, **kwargs) -> httpx.Client:
@@ -67,8 +82,9 @@ class RkllamaServer:
         return self.log_path.read_text(errors="replace")
 
     def runner_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-f", "rkllama.runner.main", "-P", str(self.process.pid)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["pgrep", "-f", "rkllama.runner.main", "-P", str(self.process.pid)], capture_output=True, text=True
+        )
         return [int(p) for p in out.stdout.split()]
 
     def stop(self) -> None:
@@ -108,8 +124,12 @@ def start_server(tmp_path: Path) -> Iterator:
     """Start a private server: start_server(models_dir=None, args=[], env={}, expect_model=True)."""
     started: list[RkllamaServer] = []
 
-    def start(models_dir: Path | None = None, args: list[str] | None = None, env: dict[str, str] | None = None,
-              expect_model: bool = True) -> RkllamaServer:
+    def start(
+        models_dir: Path | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        expect_model: bool = True,
+    ) -> RkllamaServer:
         directory = models_dir if models_dir is not None else make_models_dir(tmp_path / f"models{len(started)}")
         srv = RkllamaServer(directory, tmp_path / f"server{len(started)}.log", args=args, env=env)
         started.append(srv)
