@@ -65,7 +65,9 @@ def rkllm_server(start_server, tmp_path, rkllm_doubles):
 
 
 def test_rkllm_model_is_listed_loaded_and_answers(rkllm_server):
-    srv, log = rkllm_server(load=None)
+    # A slow NPU: callbacks further apart than the runner's stream batching window (40 ms)
+    # reach the client one by one.
+    srv, log = rkllm_server(load=None, RKLLM_DOUBLE_DELAY_MS="80")
     with srv.client() as client:
         assert MODEL in client.get("/models").json()["models"]
         loaded = client.post("/load_model", json={"model_name": MODEL})
