@@ -129,3 +129,5 @@ class ModelInfo:
     engine: str
     context_length: int
     metadata: dict[str, str] = field(default_factory=dict)
+    # How many requests the runner may run at once (llama.cpp's NUM_PARALLEL; rkllm: 1).
+    parallel: int = 1

@@ -1,8 +1,9 @@
 """Server side of a runner: starts the subprocess and talks to it over a socket pair.
 
-Requests to one runner are serialised by a lock (queued in arrival order). If the process
-dies, the request in flight gets a `RunnerError` and `on_exit` tells the scheduler, which
-forgets the model so the next load starts a fresh runner.
+A runner runs up to `info.parallel` requests at once (llama.cpp batches them); more wait
+for a permit in arrival order. One reader task routes the runner's messages to each request's
+queue by id. If the process dies, every request in flight gets a `RunnerError` and `on_exit`
+tells the scheduler, which forgets the model so the next load starts a fresh runner.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class RunnerProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
+        self._permits = asyncio.Semaphore(1)  # resized to info.parallel once loaded
+        self._inboxes: dict[int, asyncio.Queue[dict[str, Any] | RunnerError]] = {}
+        self._dead: RunnerError | None = None
         self._ids = itertools.count(1)
         self._closing = False
         self.pending = 0  # requests queued or running, for `ps` and scheduling
@@ -87,8 +90,24 @@ class RunnerProcess:
             await self.close()
             raise ModelLoadError(f"Failed to load model {self.spec.name}: {reply.get('message')}")
         self.info = ModelInfo(**reply["info"])
-        asyncio.get_running_loop().create_task(self._watch())
+        self._permits = asyncio.Semaphore(max(1, self.info.parallel))
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._route())
+        loop.create_task(self._watch())
         return self.info
+
+    async def _route(self) -> None:
+        """Hand each message to the request it belongs to; on EOF, fail them all."""
+        try:
+            while True:
+                message = await self._receive()
+                inbox = self._inboxes.get(message.get("id"))  # type: ignore[arg-type]
+                if inbox is not None:  # else: leftovers of a request that gave up
+                    inbox.put_nowait(message)
+        except RunnerError as exc:
+            self._dead = exc
+            for inbox in self._inboxes.values():
+                inbox.put_nowait(exc)
 
     async def _watch(self) -> None:
         assert self._process is not None
@@ -134,52 +153,67 @@ class RunnerProcess:
             "The model has been unloaded; load it again to continue."
         )
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
-        """Stream a completion. Closing the iterator early cancels the request in the runner."""
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[tuple[int, asyncio.Queue[dict[str, Any] | RunnerError]]]:
+        """A permit to run one request, its id and the queue its messages arrive in."""
         self.pending += 1
         try:
-            async with self._lock:
+            async with self._permits:
+                if self._dead is not None:
+                    raise self._dead
                 request_id = next(self._ids)
-                await self._send({"op": "generate", "id": request_id, "request": request.to_dict()})
-                finished = False
+                inbox: asyncio.Queue[dict[str, Any] | RunnerError] = asyncio.Queue()
+                self._inboxes[request_id] = inbox
                 try:
-                    while True:
-                        message = await self._receive_for(request_id)
-                        kind = message.get("type")
-                        if kind == "token":
-                            yield TokenEvent(text=message["text"])
-                        elif kind == "done":
-                            finished = True
-                            if message["finish_reason"] == "cancelled":
-                                # Only an unload cancels without us asking (see _cancel).
-                                raise RunnerError(f"Model {self.spec.name} was unloaded while answering this request.")
-                            yield DoneEvent(finish_reason=message["finish_reason"], usage=Usage(**message["usage"]))
-                            return
-                        else:
-                            finished = True
-                            raise _request_error(message)
+                    yield request_id, inbox
                 finally:
-                    if not finished and self.alive:
-                        # The client went away (or the task was cancelled): stop the runner's
-                        # work. Shielded, since awaits in a cancelled scope would be cancelled too.
-                        with anyio.CancelScope(shield=True):
-                            await self._cancel(request_id)
+                    del self._inboxes[request_id]
         finally:
             self.pending -= 1
 
-    async def _receive_for(self, request_id: int) -> dict[str, Any]:
-        """The next message of this request; leftovers of an earlier one are dropped."""
-        while True:
-            message = await self._receive()
-            if message.get("id") == request_id:
-                return message
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Stream a completion. Closing the iterator early cancels the request in the runner."""
+        async with self._slot() as (request_id, inbox):
+            await self._send({"op": "generate", "id": request_id, "request": request.to_dict()})
+            finished = False
+            try:
+                while True:
+                    message = await self._next(inbox)
+                    kind = message.get("type")
+                    if kind == "token":
+                        yield TokenEvent(text=message["text"])
+                    elif kind == "done":
+                        finished = True
+                        if message["finish_reason"] == "cancelled":
+                            # Only an unload cancels without us asking (see _cancel).
+                            raise RunnerError(f"Model {self.spec.name} was unloaded while answering this request.")
+                        yield DoneEvent(finish_reason=message["finish_reason"], usage=Usage(**message["usage"]))
+                        return
+                    else:
+                        finished = True
+                        raise _request_error(message)
+            finally:
+                if not finished and self.alive:
+                    # The client went away (or the task was cancelled): stop the runner's
+                    # work. Shielded, since awaits in a cancelled scope would be cancelled too.
+                    with anyio.CancelScope(shield=True):
+                        await self._cancel(request_id, inbox)
 
-    async def _cancel(self, request_id: int) -> None:
-        """Stop the request and drain its remaining messages, so the next request starts clean."""
+    @staticmethod
+    async def _next(inbox: asyncio.Queue[dict[str, Any] | RunnerError]) -> dict[str, Any]:
+        """The request's next message; the runner's death once it has died."""
+        message = await inbox.get()
+        if isinstance(message, RunnerError):
+            inbox.put_nowait(message)  # whoever reads next hears it too
+            raise message
+        return message
+
+    async def _cancel(self, request_id: int, inbox: asyncio.Queue[dict[str, Any] | RunnerError]) -> None:
+        """Stop the request and wait for its end, so that its permit is free only once the runner is."""
         try:
             await self._send({"op": "cancel", "id": request_id})
             async with asyncio.timeout(CANCEL_GRACE_SECONDS):
-                while (message := await self._receive_for(request_id)).get("type") == "token":
+                while (message := await self._next(inbox)).get("type") == "token":
                     pass
             if message.get("type") == "done":
                 log.info(
@@ -193,17 +227,12 @@ class RunnerProcess:
             await self.kill()
 
     async def _call(self, op: str, **fields: Any) -> Any:
-        self.pending += 1
-        try:
-            async with self._lock:
-                request_id = next(self._ids)
-                await self._send({"op": op, "id": request_id, **fields})
-                message = await self._receive_for(request_id)
-                if message.get("type") != "result":
-                    raise _request_error(message)
-                return message["value"]
-        finally:
-            self.pending -= 1
+        async with self._slot() as (request_id, inbox):
+            await self._send({"op": op, "id": request_id, **fields})
+            message = await self._next(inbox)
+            if message.get("type") != "result":
+                raise _request_error(message)
+            return message["value"]
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         return EmbedResult(**await self._call("embed", request=asdict(request)))

@@ -1,7 +1,8 @@
 """The runner subprocess: loads one model and serves requests from the server.
 
 A reader thread takes messages off the socket so that a `cancel` reaches the running
-request at once; requests themselves run one at a time on the main thread.
+request at once. Requests run one at a time on the main thread, or, when the engine can run
+several at once (`info.parallel` > 1, llama.cpp's batched decoding), each in its own thread.
 """
 
 from __future__ import annotations
@@ -50,14 +51,20 @@ class Connection:
             threading.Thread(target=self._flush_loop, daemon=True).start()
 
     def _write(self, messages: list[dict[str, Any]]) -> None:
-        """Caller holds the lock. Held tokens of one request travel as one token message."""
+        """Caller holds the lock. Held tokens of one request travel as one token message, also
+        when several requests' tokens interleave; each request's own order is kept."""
         merged: list[dict[str, Any]] = []
+        open_tokens: dict[Any, dict[str, Any]] = {}  # request id -> its token message in `merged`
         for message in messages:
-            last = merged[-1] if merged else None
-            if last and last["type"] == message["type"] == "token" and last["id"] == message["id"]:
-                last["text"] += message["text"]
+            request_id = message.get("id")
+            if message.get("type") == "token" and request_id in open_tokens:
+                open_tokens[request_id]["text"] += message["text"]
+                continue
+            merged.append(dict(message))
+            if message.get("type") == "token":
+                open_tokens[request_id] = merged[-1]
             else:
-                merged.append(dict(message))
+                open_tokens.pop(request_id, None)
         self._sock.sendall(b"".join(encode(m) for m in merged))
         self._last_write = time.monotonic()
 
@@ -151,13 +158,26 @@ def serve(conn: Connection) -> int:
                 work.put(message)
         work.put(None)  # server gone or asked us to stop
 
-    threading.Thread(target=read_loop, daemon=True).start()
-    while (message := work.get()) is not None:
-        with cancels_lock:
-            cancel = cancels.setdefault(message["id"], threading.Event())
+    def serve_and_forget(message: dict[str, Any], cancel: threading.Event) -> None:
         _serve_one(engine, message, cancel, conn)
         with cancels_lock:
             cancels.pop(message["id"], None)
+
+    threading.Thread(target=read_loop, daemon=True).start()
+    running: list[threading.Thread] = []
+    while (message := work.get()) is not None:
+        with cancels_lock:
+            cancel = cancels.setdefault(message["id"], threading.Event())
+        if engine.info.parallel <= 1:
+            serve_and_forget(message, cancel)
+            continue
+        # The server sends at most `parallel` requests at a time; the engine batches them.
+        running = [thread for thread in running if thread.is_alive()]
+        thread = threading.Thread(target=serve_and_forget, args=(message, cancel), daemon=True)
+        thread.start()
+        running.append(thread)
+    for thread in running:
+        thread.join()
     engine.close()
     return 0
 

@@ -1,9 +1,12 @@
 """The llama.cpp engine (GGUF on the CPU) through llama-cpp-python.
 
-The generation loop is ours, over `Llama.generate`, so that token counts are exact, a
-cancel stops between two tokens, and stop strings and UTF-8 are handled like the other
-engines (see textstream.py). llama-cpp-python keeps the KV cache of the previous request
-and reuses its longest common prefix, so multi-turn chats do not re-read their history.
+The generation loop is ours, so that token counts are exact, a cancel stops between two
+tokens, and stop strings and UTF-8 are handled like the other engines (see textstream.py).
+
+With NUM_PARALLEL > 1 (the default is 4) several requests decode together in one batch
+(see llamacpp_batch.py); with 1, requests run one at a time over `Llama.generate`, and
+llama-cpp-python reuses the KV cache's longest common prefix with the previous request.
+Either way, multi-turn chats do not re-read their history.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import Llama, LlamaGrammar
+from llama_cpp._internals import LlamaModel, LlamaSampler
+from llama_cpp._logger import set_verbose
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from ...chat_template import render_chat
@@ -31,7 +36,8 @@ from ...types import (
     TokenEvent,
     Usage,
 )
-from .base import EngineError, LoadSpec
+from .base import EngineError, EngineRuntimeError, LoadSpec
+from .llamacpp_batch import BatchDecoder, Finished, Job
 from .textstream import TextAssembler
 
 BUILTIN_DEFAULTS = SamplingOptions(
@@ -44,6 +50,9 @@ BUILTIN_DEFAULTS = SamplingOptions(
     frequency_penalty=0.0,
 )
 DEFAULT_CONTEXT = 4096
+DEFAULT_PARALLEL = 4
+# Tokens of recent output the repeat penalties look at (llama-cpp-python's default).
+PENALTY_LAST_N = 64
 
 
 def _cpu_has_amx() -> bool:
@@ -75,7 +84,7 @@ def _avoid_amx_weight_buffers() -> None:
     llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
 
 
-def _int_setting(spec: LoadSpec, override: str, modelfile_key: str, default: int) -> int:
+def _int_setting(spec: LoadSpec, override: str, modelfile_key: str, default: int | str) -> int:
     value = spec.overrides.get(override) or spec.modelfile.get(modelfile_key) or default
     try:
         return int(value)
@@ -109,6 +118,12 @@ class LlamaCppEngine:
         self.spec = spec
         n_ctx = _int_setting(spec, "num_ctx", "NUM_CTX", DEFAULT_CONTEXT)
         threads = _int_setting(spec, "num_thread", "NUM_THREAD", os.cpu_count() or 1)
+        env_parallel = os.environ.get("RKLLAMA_NUM_PARALLEL") or DEFAULT_PARALLEL
+        self.n_parallel = _int_setting(spec, "num_parallel", "NUM_PARALLEL", env_parallel)
+        if not 1 <= self.n_parallel <= llama_cpp.llama_max_parallel_sequences():
+            raise EngineError(
+                f"NUM_PARALLEL must be between 1 and {llama_cpp.llama_max_parallel_sequences()}, got {self.n_parallel}."
+            )
         self._llama_kwargs: dict[str, Any] = dict(
             model_path=spec.path,
             n_ctx=n_ctx,
@@ -118,28 +133,44 @@ class LlamaCppEngine:
             verbose=False,
         )
         _avoid_amx_weight_buffers()
+        self.llm: Llama | None = None
+        self._decoder: BatchDecoder | None = None
         try:
-            self.llm = Llama(**self._llama_kwargs)
+            if self.n_parallel == 1:
+                self.llm = Llama(**self._llama_kwargs)
+                self.model = self.llm._model
+                self.n_ctx = self.llm.n_ctx()
+            else:
+                # No Llama object: its own context would be a second KV cache for nothing.
+                # Looked up where _avoid_amx_weight_buffers wraps it; silence native logs as Llama does.
+                model_params = llama_cpp.llama_cpp.llama_model_default_params()
+                set_verbose(False)
+                self.model = LlamaModel(path_model=spec.path, params=model_params, verbose=False)
+                self.n_ctx = n_ctx
+                self._decoder = BatchDecoder(self.model, n_ctx, self.n_parallel, self._llama_kwargs["n_batch"], threads)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {os.path.basename(spec.path)}: {exc}") from None
         self._embedder: Llama | None = None
-        meta = dict(self.llm.metadata)
+        self._embed_lock = threading.Lock()
+        meta = self.model.metadata()
+        self.metadata = meta
         self.template = meta.get("tokenizer.chat_template")
         arch = meta.get("general.architecture", "")
         self.info = ModelInfo(
             engine="llama.cpp",
-            context_length=self.llm.n_ctx(),
+            context_length=self.n_ctx,
             metadata={k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")},
+            parallel=self.n_parallel,
         )
         self.info.metadata.setdefault("general.architecture", arch)
-        self._bos = self._special_text(self.llm.token_bos())
-        self._eos = self._special_text(self.llm.token_eos())
+        self._bos = self._special_text(self.model.token_bos())
+        self._eos = self._special_text(self.model.token_eos())
         self.defaults = self._modelfile_defaults()
 
     def _special_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+        return self.model.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
     def _modelfile_defaults(self) -> SamplingOptions:
         from ...store.modelfile import Modelfile
@@ -166,7 +197,7 @@ class LlamaCppEngine:
         else:
             text = request.prompt or ""
         add_bos = not (self._bos and text.startswith(self._bos))
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def _grammar(self, request: GenerateRequest) -> LlamaGrammar | None:
         try:
@@ -189,14 +220,19 @@ class LlamaCppEngine:
         grammar = self._grammar(request)
         started = time.perf_counter()
         tokens = self._prompt_tokens(request)
-        room = self.llm.n_ctx() - len(tokens)
+        room = self.n_ctx - len(tokens)
         if room <= 0:
             raise EngineError(
                 f"The prompt is {len(tokens)} tokens, more than the model's context of "
-                f"{self.llm.n_ctx()}. Shorten it or load the model with a larger num_ctx."
+                f"{self.n_ctx}. Shorten it or load the model with a larger num_ctx."
             )
         limit = room if options.max_tokens is None or options.max_tokens < 0 else min(options.max_tokens, room)
-        self.llm.set_seed(options.seed if options.seed is not None else random.randint(0, 2**31 - 1))
+        seed = options.seed if options.seed is not None else random.randint(0, 2**31 - 1)
+        if self._decoder is not None:
+            yield from self._generate_batched(tokens, options, grammar, seed, limit, cancel, started)
+            return
+        assert self.llm is not None
+        self.llm.set_seed(seed)
         assembler = TextAssembler(options.stop)
         generated = 0
         first_token_at: float | None = None
@@ -220,7 +256,7 @@ class LlamaCppEngine:
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-                if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+                if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
                     finish = "stop"
                     break
                 generated += 1
@@ -232,26 +268,92 @@ class LlamaCppEngine:
                     break
                 if generated >= limit:
                     break
-        tail = assembler.flush()
-        if tail:
-            yield TokenEvent(tail)
-        ended = time.perf_counter()
-        first_token_at = first_token_at or ended
-        usage = Usage(
-            prompt_tokens=len(tokens),
-            completion_tokens=generated,
-            prompt_ms=(first_token_at - started) * 1000,
-            generate_ms=(ended - first_token_at) * 1000,
+        yield from _finish(assembler, finish, len(tokens), generated, started, first_token_at)
+
+    def _sampler(self, options: SamplingOptions, grammar: LlamaGrammar | None, seed: int) -> LlamaSampler:
+        """The chain `Llama.generate` builds, so NUM_PARALLEL does not change what is sampled."""
+        sampler = LlamaSampler()
+        sampler.add_penalties(
+            n_vocab=self.model.n_vocab(),
+            penalty_last_n=PENALTY_LAST_N,
+            penalty_repeat=options.repeat_penalty,
+            penalty_freq=options.frequency_penalty,
+            penalty_present=options.presence_penalty,
         )
-        yield DoneEvent(finish_reason=finish, usage=usage)
+        if grammar is not None:
+            sampler.add_grammar(self.model, grammar)
+        temperature = options.temperature
+        if temperature < 0.0:
+            sampler.add_dist(seed)
+        elif temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(options.top_k or 0)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(options.top_p, 1)
+            sampler.add_min_p(options.min_p, 1)
+            sampler.add_temp(temperature)
+            sampler.add_dist(seed)
+        return sampler
+
+    def _generate_batched(
+        self,
+        tokens: list[int],
+        options: SamplingOptions,
+        grammar: LlamaGrammar | None,
+        seed: int,
+        limit: int,
+        cancel: threading.Event,
+        started: float,
+    ) -> Iterator[TokenEvent | DoneEvent]:
+        """Hand the sequence to the decode thread and turn its tokens into text here."""
+        assert self._decoder is not None
+        assembler = TextAssembler(options.stop)
+        generated = 0
+        first_token_at: float | None = None
+        finish = "length"
+        if limit == 0:
+            yield from _finish(assembler, finish, len(tokens), generated, started, time.perf_counter())
+            return
+        job = Job(prompt=tokens, sampler=self._sampler(options, grammar, seed), limit=limit, cancel=cancel)
+        try:
+            self._decoder.submit(job)
+            while True:
+                item = job.out.get()
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if isinstance(item, Exception):
+                    raise EngineRuntimeError(f"llama.cpp failed while generating: {item}")
+                if isinstance(item, Finished):
+                    finish = item.reason
+                    break
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                generated += 1
+                piece = assembler.feed(self.model.detokenize([item]))
+                if piece:
+                    yield TokenEvent(piece)
+                if assembler.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            # Whatever ended this reader (a stop string, a closed iterator), free the slot.
+            job.abandoned.set()
+        yield from _finish(assembler, finish, len(tokens), generated, started, first_token_at)
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
+        # Requests may run side by side in parallel mode; the embedding context is one.
+        with self._embed_lock:
+            return self._embed(request)
+
+    def _embed(self, request: EmbedRequest) -> EmbedResult:
         if self._embedder is None:
             # A second context in embedding mode; the weights are mmapped, so shared.
             # Chat models declare no pooling, which would give one vector per token: average them.
-            arch = self.llm.metadata.get("general.architecture", "")
+            arch = self.metadata.get("general.architecture", "")
             mean = {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
-            pooling = {} if f"{arch}.pooling_type" in self.llm.metadata else mean
+            pooling = {} if f"{arch}.pooling_type" in self.metadata else mean
             self._embedder = Llama(**{**self._llama_kwargs, "embedding": True, **pooling})
         counts = [len(self._embedder.tokenize(text.encode("utf-8"))) for text in request.inputs]
         limit = self._embedder.n_ctx()
@@ -263,9 +365,37 @@ class LlamaCppEngine:
         )
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def close(self) -> None:
-        self.llm.close()
+        if self._decoder is not None:
+            self._decoder.close()
+        if self.llm is not None:
+            self.llm.close()
+        else:
+            self.model.close()
         if self._embedder is not None:
             self._embedder.close()
+
+
+def _finish(
+    assembler: TextAssembler,
+    finish: str,
+    prompt_tokens: int,
+    generated: int,
+    started: float,
+    first_token_at: float | None,
+) -> Iterator[TokenEvent | DoneEvent]:
+    """The held-back tail of the text, then the DoneEvent with the request's usage."""
+    tail = assembler.flush()
+    if tail:
+        yield TokenEvent(tail)
+    ended = time.perf_counter()
+    first_token_at = first_token_at or ended
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=generated,
+        prompt_ms=(first_token_at - started) * 1000,
+        generate_ms=(ended - first_token_at) * 1000,
+    )
+    yield DoneEvent(finish_reason=finish, usage=usage)  # type: ignore[arg-type]

@@ -1,0 +1,229 @@
+"""Continuous batching for the llama.cpp engine: several requests decode in one batch.
+
+One llama context holds `n_parallel` sequences in a unified KV cache of n_ctx cells per
+sequence (like llama-server's `-c N*np -np np -kvu`). A decode thread loops: it gathers
+every active sequence's pending tokens (a chunk of its prompt, or its last sampled token),
+runs ONE `llama_decode` over all of them, samples each sequence with its own sampler chain,
+and hands each request its token through a queue that the request's own thread reads.
+Decoding tokens go first in a batch and prompt chunks fill the rest of `n_batch`, so a long
+prompt never stalls the sequences already generating.
+
+Each slot remembers the tokens in its part of the cache; a new request takes the free slot
+sharing the longest prefix with its prompt and evaluates only the rest, so multi-turn chats
+do not re-read their history.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import llama_cpp
+from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler
+
+log = logging.getLogger(__name__)
+
+# What a request's queue receives: sampled token ids, then one Finished (or an Exception).
+LENGTH, STOP, CANCELLED = "length", "stop", "cancelled"
+
+
+@dataclass
+class Finished:
+    reason: str
+
+
+@dataclass
+class Job:
+    """One request's sequence, as the decode thread sees it."""
+
+    prompt: list[int]
+    sampler: LlamaSampler
+    limit: int  # tokens to generate at most (> 0)
+    cancel: threading.Event
+    out: queue.Queue[int | Finished | Exception] = field(default_factory=queue.Queue)
+    # Set by the reader when it stops early (a stop string): the slot is freed at the next step.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    pending: list[int] = field(default_factory=list)  # tokens to evaluate next
+    n_past: int = 0  # tokens of this sequence already in the cache
+    generated: int = 0
+    prompt_done: bool = False
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
+    job: Job | None = None
+    last_used: int = 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class BatchDecoder:
+    def __init__(self, model: LlamaModel, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int) -> None:
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_parallel
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_parallel
+        # One cache for all sequences: any mix of prompt chunks and decode tokens goes in one
+        # ubatch (split streams only batch equal-length runs of consecutive sequence ids).
+        params.kv_unified = True
+        # Flash attention skips the cells of other sequences, so an answer does not depend
+        # on what else shares the batch (and it is llama-server's default on the CPU).
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.no_perf = True
+        self._ctx = LlamaContext(model=model, params=params, verbose=False)
+        self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
+        self._waiting: list[Job] = []
+        self._lock = threading.Condition()
+        self._closed = False
+        self._steps = 0
+        self._thread = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
+        self._thread.start()
+
+    # --- the request side -----------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("The model is being unloaded.")
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+        self._batch.close()
+        self._ctx.close()
+
+    # --- the decode thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and not self._active():
+                    self._lock.wait()
+                if self._closed:
+                    break
+                self._assign_waiting()
+            self._drop_finished()
+            jobs = self._active()
+            if jobs:
+                try:
+                    self._step(jobs)
+                except Exception as exc:  # a request must hear of it, not hang
+                    log.exception("Batch step failed")
+                    self._fail(self._active(), str(exc))
+        for slot in self._slots:
+            if slot.job is not None:
+                self._end(slot, Finished(CANCELLED))
+        for job in self._waiting:
+            job.out.put(Finished(CANCELLED))
+
+    def _active(self) -> list[tuple[Slot, Job]]:
+        return [(slot, slot.job) for slot in self._slots if slot.job is not None]
+
+    def _assign_waiting(self) -> None:
+        """Caller holds the lock. Give waiting jobs free slots, best prefix match first."""
+        for job in [j for j in self._waiting if j.cancel.is_set()]:
+            self._waiting.remove(job)
+            job.out.put(Finished(CANCELLED))
+        while self._waiting:
+            free = [slot for slot in self._slots if slot.job is None]
+            if not free:
+                return
+            job = self._waiting.pop(0)
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
+            reuse = _common_prefix(slot.cached, job.prompt)
+            if reuse == len(job.prompt):
+                reuse -= 1  # evaluate at least one token to get fresh logits
+            mem = self._ctx.memory
+            if reuse > 0 and not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, reuse, -1):
+                reuse = 0
+            if reuse == 0:
+                llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
+            slot.cached = job.prompt[:reuse]
+            job.n_past = reuse
+            job.pending = job.prompt[reuse:]
+            slot.job = job
+
+    def _drop_finished(self) -> None:
+        for slot, job in self._active():
+            if job.cancel.is_set():
+                self._end(slot, Finished(CANCELLED))
+            elif job.abandoned.is_set():
+                self._end(slot, Finished(STOP))
+
+    def _end(self, slot: Slot, message: Finished | Exception) -> None:
+        assert slot.job is not None
+        slot.job.out.put(message)
+        slot.job = None
+        self._steps += 1
+        slot.last_used = self._steps
+
+    def _step(self, jobs: list[tuple[Slot, Job]]) -> None:
+        """Evaluate one batch and sample every sequence whose prompt is now complete."""
+        batch = self._batch.batch
+        n = 0
+        sample_at: list[tuple[Slot, Job, int]] = []
+        # Generating sequences first (one token each), then prompt chunks in what is left.
+        ordered = sorted(jobs, key=lambda sj: not sj[1].prompt_done)
+        for slot, job in ordered:
+            take = min(len(job.pending), self.n_batch - n)
+            if take <= 0:
+                continue
+            for i, token in enumerate(job.pending[:take]):
+                batch.token[n] = token
+                batch.pos[n] = job.n_past + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot.seq_id
+                batch.logits[n] = False
+                n += 1
+            slot.cached.extend(job.pending[:take])
+            job.n_past += take
+            job.pending = job.pending[take:]
+            if not job.pending:
+                batch.logits[n - 1] = True
+                sample_at.append((slot, job, n - 1))
+        batch.n_tokens = n
+        code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            self._fail(ordered, f"llama_decode failed with code {code}")
+            return
+        for slot, job, index in sample_at:
+            job.prompt_done = True
+            token = job.sampler.sample(self._ctx, index)
+            if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+                self._end(slot, Finished(STOP))
+                continue
+            job.generated += 1
+            job.out.put(token)
+            if job.generated >= job.limit:
+                self._end(slot, Finished(LENGTH))
+            else:
+                job.pending = [token]
+
+    def _fail(self, jobs: list[tuple[Slot, Job]], reason: str) -> None:
+        """A failed step leaves the cache of these sequences unknown: forget them."""
+        log.error("%s (%d sequences)", reason, len(jobs))
+        for slot, _ in jobs:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+            slot.cached = []
+            if slot.job is not None:
+                self._end(slot, RuntimeError(reason))
