@@ -1,12 +1,12 @@
 """Continuous batching for the llama.cpp engine: several requests decode in one batch.
 
-One llama context holds `n_parallel` sequences in a unified KV cache of n_ctx cells per
-sequence (like llama-server's `-c N*np -np np -kvu`). A decode thread loops: it gathers
+One llama context holds `n_parallel` sequences, each in its own KV cache stream of n_ctx
+cells (like llama-server's `-c N*np -np np`). A decode thread loops: it gathers
 every active sequence's pending tokens (a chunk of its prompt, or its last sampled token),
 runs ONE `llama_decode` over all of them, samples each sequence with its own sampler chain,
 and hands each request its token through a queue that the request's own thread reads.
 Decoding tokens go first in a batch and prompt chunks fill the rest of `n_batch`, so a long
-prompt never stalls the sequences already generating.
+prompt never stalls the sequences already generating for more than one chunk.
 
 Each slot remembers the tokens in its part of the cache; a new request takes the free slot
 sharing the longest prefix with its prompt and evaluates only the rest, so multi-turn chats
@@ -56,7 +56,6 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     job: Job | None = None
-    last_used: int = 0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -78,12 +77,12 @@ class BatchDecoder:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
-        # One cache for all sequences: any mix of prompt chunks and decode tokens goes in one
-        # ubatch (split streams only batch equal-length runs of consecutive sequence ids).
-        params.kv_unified = True
-        # Flash attention skips the cells of other sequences, so an answer does not depend
-        # on what else shares the batch (and it is llama-server's default on the CPU).
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # A stream per sequence, as llama-server does: a sequence's attention then never sees
+        # where other sequences sit in the cache, so a greedy answer does not depend on what
+        # else shares the batch (with one unified cache it did, in the last bits, and drifted).
+        params.kv_unified = False
+        # As `Llama` (NUM_PARALLEL=1) runs: the same numerics, so the same greedy answers.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
@@ -93,7 +92,6 @@ class BatchDecoder:
         self._waiting: list[Job] = []
         self._lock = threading.Condition()
         self._closed = False
-        self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
         self._thread.start()
 
@@ -149,7 +147,8 @@ class BatchDecoder:
             if not free:
                 return
             job = self._waiting.pop(0)
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
+            # Longest shared prefix; else the lowest id, which keeps active ids consecutive.
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.seq_id))
             reuse = _common_prefix(slot.cached, job.prompt)
             if reuse == len(job.prompt):
                 reuse -= 1  # evaluate at least one token to get fresh logits
@@ -174,8 +173,6 @@ class BatchDecoder:
         assert slot.job is not None
         slot.job.out.put(message)
         slot.job = None
-        self._steps += 1
-        slot.last_used = self._steps
 
     def _step(self, jobs: list[tuple[Slot, Job]]) -> None:
         """Evaluate one batch and sample every sequence whose prompt is now complete."""
@@ -183,9 +180,16 @@ class BatchDecoder:
         n = 0
         sample_at: list[tuple[Slot, Job, int]] = []
         # Generating sequences first (one token each), then prompt chunks in what is left.
-        ordered = sorted(jobs, key=lambda sj: not sj[1].prompt_done)
+        budget = self.n_batch
+        takes: dict[int, int] = {}
+        for slot, job in sorted(jobs, key=lambda sj: not sj[1].prompt_done):
+            takes[slot.seq_id] = min(len(job.pending), budget)
+            budget -= takes[slot.seq_id]
+        # In sequence order: with split streams llama.cpp puts only runs of consecutive
+        # sequence ids, and the same number of tokens from each, in one ubatch.
+        ordered = sorted(jobs, key=lambda sj: sj[0].seq_id)
         for slot, job in ordered:
-            take = min(len(job.pending), self.n_batch - n)
+            take = takes[slot.seq_id]
             if take <= 0:
                 continue
             for i, token in enumerate(job.pending[:take]):
