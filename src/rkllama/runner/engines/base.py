@@ -1,7 +1,8 @@
 """The narrow seam between a runner process and the engine that runs a model.
 
 An engine is created in the runner subprocess from a `LoadSpec`, then serves one request
-at a time. `generate` yields text pieces and ends with exactly one `DoneEvent`; it checks
+at a time, or up to `info.parallel` at once, each `generate` in its own thread (llama.cpp
+decodes them together in one batch). `generate` yields text pieces and ends with exactly one `DoneEvent`; it checks
 `cancel` between tokens (or aborts the native run) so a disconnected client stops work.
 Anything else (llama.cpp's own llama-server, a remote runner) can sit behind this seam
 without the API layer noticing.
