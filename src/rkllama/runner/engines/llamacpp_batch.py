@@ -2,11 +2,11 @@
 
 One llama context holds `n_parallel` sequences, each in its own KV cache stream of n_ctx
 cells (like llama-server's `-c N*np -np np`). A decode thread loops: it gathers
-every active sequence's pending tokens (a chunk of its prompt, or its last sampled token),
-runs ONE `llama_decode` over all of them, samples each sequence with its own sampler chain,
-and hands each request its token through a queue that the request's own thread reads.
-Decoding tokens go first in a batch and prompt chunks fill the rest of `n_batch`, so a long
-prompt never stalls the sequences already generating for more than one chunk.
+the generating sequences' last sampled tokens, runs ONE `llama_decode` over all of them,
+samples each sequence with its own sampler chain, and hands each request its token through a
+queue that the request's own thread reads.
+Each step decodes one token of every generating sequence in one batch, then at most one
+prompt chunk of n_batch tokens, so a long prompt never stalls the others for more than a chunk.
 
 Each slot remembers the tokens in its part of the cache; a new request takes the free slot
 sharing the longest prefix with its prompt and evaluates only the rest, so multi-turn chats
@@ -175,33 +175,37 @@ class BatchDecoder:
         slot.job = None
 
     def _step(self, jobs: list[tuple[Slot, Job]]) -> None:
-        """Evaluate one batch and sample every sequence whose prompt is now complete."""
+        """One token for every generating sequence, then one prompt chunk, each one decode."""
+        generating = [(slot, job) for slot, job in jobs if job.prompt_done]
+        prompting = [(slot, job) for slot, job in jobs if not job.prompt_done]
+        if generating:
+            self._decode(generating, 1)
+        if prompting:
+            # A prompt chunk goes alone, in n_batch pieces as when it runs by itself: mixed
+            # with other sequences, llama.cpp splits it unevenly and, deep into a long
+            # context, the answer then drifts from the one the request gets alone.
+            self._decode(prompting[:1], self.n_batch)
+
+    def _decode(self, jobs: list[tuple[Slot, Job]], chunk: int) -> None:
+        """Evaluate up to `chunk` pending tokens of each job; sample those now complete."""
         batch = self._batch.batch
         n = 0
         sample_at: list[tuple[Slot, Job, int]] = []
-        # Generating sequences first (one token each), then prompt chunks in what is left.
-        budget = self.n_batch
-        takes: dict[int, int] = {}
-        for slot, job in sorted(jobs, key=lambda sj: not sj[1].prompt_done):
-            takes[slot.seq_id] = min(len(job.pending), budget)
-            budget -= takes[slot.seq_id]
         # In sequence order: with split streams llama.cpp puts only runs of consecutive
-        # sequence ids, and the same number of tokens from each, in one ubatch.
+        # sequence ids in one ubatch.
         ordered = sorted(jobs, key=lambda sj: sj[0].seq_id)
         for slot, job in ordered:
-            take = takes[slot.seq_id]
-            if take <= 0:
-                continue
-            for i, token in enumerate(job.pending[:take]):
+            take = job.pending[:chunk]
+            for i, token in enumerate(take):
                 batch.token[n] = token
                 batch.pos[n] = job.n_past + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq_id
                 batch.logits[n] = False
                 n += 1
-            slot.cached.extend(job.pending[:take])
-            job.n_past += take
-            job.pending = job.pending[take:]
+            slot.cached.extend(take)
+            job.n_past += len(take)
+            job.pending = job.pending[len(take) :]
             if not job.pending:
                 batch.logits[n - 1] = True
                 sample_at.append((slot, job, n - 1))
