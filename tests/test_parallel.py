@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import ollama
 
+from rkllama.store.default_model import packaged_default_model
+
 GREEDY = {"temperature": 0, "seed": 7}
 MODEL = "smollm2:135m"  # the default model, by its Ollama name
 # Greedy, the 135M model runs on for hundreds of tokens here: seconds of work.
@@ -149,3 +151,21 @@ def test_num_parallel_1_serves_one_at_a_time_with_the_same_answers(start_server,
         with client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
             assert json.loads(next(response.iter_lines()))["choices"][0]["finish_reason"] is None
         assert generate(client, *MIXED[0]) == alone[0]
+
+
+def test_num_parallel_from_the_modelfile_and_a_bad_value(start_server, tmp_path):
+    models = tmp_path / "models"
+    for name, value in [("single", "1"), ("bad", "0")]:
+        (models / name).mkdir(parents=True)
+        os.link(packaged_default_model(), models / name / "weights.gguf")
+        (models / name / "Modelfile").write_text(f'FROM="weights.gguf"\nNUM_PARALLEL={value}\n')
+    srv = start_server(models_dir=models, args=["--no-default"], expect_model=False)
+    with srv.client() as client:
+        bad = client.post("/load_model", json={"model_name": "bad"})
+        assert bad.status_code == 400
+        assert "NUM_PARALLEL must be between 1 and" in bad.json()["error"]
+        assert client.post("/load_model", json={"model_name": "single"}).status_code == 200
+        with client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
+            assert json.loads(next(response.iter_lines()))["choices"][0]["finish_reason"] is None
+        # The one slot is free again once the stream is closed.
+        assert generate(client, *MIXED[1])["tokens"] == MIXED[1][1]
