@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import llama_cpp
@@ -228,47 +228,56 @@ class LlamaCppEngine:
             )
         limit = room if options.max_tokens is None or options.max_tokens < 0 else min(options.max_tokens, room)
         seed = options.seed if options.seed is not None else random.randint(0, 2**31 - 1)
-        if self._decoder is not None:
-            yield from self._generate_batched(tokens, options, grammar, seed, limit, cancel, started)
-            return
+        if limit == 0:
+            source: Generator[int, None, str] = _no_tokens()
+        elif self._decoder is not None:
+            job = Job(prompt=tokens, sampler=self._sampler(options, grammar, seed), limit=limit, cancel=cancel)
+            source = self._batched_tokens(job)
+        else:
+            source = self._sequential_tokens(tokens, options, grammar, seed, limit)
+        yield from _text_events(source, self.model.detokenize, options.stop, cancel, len(tokens), started)
+
+    def _sequential_tokens(
+        self, tokens: list[int], options: SamplingOptions, grammar: LlamaGrammar | None, seed: int, limit: int
+    ) -> Generator[int, None, str]:
+        """One request at a time through `Llama.generate` (which reuses the cached prefix)."""
         assert self.llm is not None
         self.llm.set_seed(seed)
-        assembler = TextAssembler(options.stop)
         generated = 0
-        first_token_at: float | None = None
-        finish = "length"
-        if limit == 0:
-            first_token_at = time.perf_counter()
-        else:
-            for token in self.llm.generate(
-                tokens,
-                top_k=options.top_k or 0,
-                top_p=options.top_p,
-                min_p=options.min_p,
-                temp=options.temperature,
-                repeat_penalty=options.repeat_penalty,
-                frequency_penalty=options.frequency_penalty,
-                presence_penalty=options.presence_penalty,
-                grammar=grammar,
-            ):
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                piece = assembler.feed(self.llm.detokenize([token]))
-                if piece:
-                    yield TokenEvent(piece)
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-                if generated >= limit:
-                    break
-        yield from _finish(assembler, finish, len(tokens), generated, started, first_token_at)
+        for token in self.llm.generate(
+            tokens,
+            top_k=options.top_k or 0,
+            top_p=options.top_p,
+            min_p=options.min_p,
+            temp=options.temperature,
+            repeat_penalty=options.repeat_penalty,
+            frequency_penalty=options.frequency_penalty,
+            presence_penalty=options.presence_penalty,
+            grammar=grammar,
+        ):
+            if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+                return "stop"
+            yield token
+            generated += 1
+            if generated >= limit:
+                return "length"
+        return "length"
+
+    def _batched_tokens(self, job: Job) -> Generator[int, None, str]:
+        """Hand the sequence to the decode thread and pass on the tokens it samples."""
+        assert self._decoder is not None
+        try:
+            self._decoder.submit(job)
+            while True:
+                item = job.out.get()
+                if isinstance(item, Exception):
+                    raise EngineRuntimeError(f"llama.cpp failed while generating: {item}")
+                if isinstance(item, Finished):
+                    return item.reason
+                yield item
+        finally:
+            # Whatever ended this reader (a stop string, a closed iterator), free the slot.
+            job.abandoned.set()
 
     def _sampler(self, options: SamplingOptions, grammar: LlamaGrammar | None, seed: int) -> LlamaSampler:
         """The chain `Llama.generate` builds, so NUM_PARALLEL does not change what is sampled."""
@@ -295,52 +304,6 @@ class LlamaCppEngine:
             sampler.add_temp(temperature)
             sampler.add_dist(seed)
         return sampler
-
-    def _generate_batched(
-        self,
-        tokens: list[int],
-        options: SamplingOptions,
-        grammar: LlamaGrammar | None,
-        seed: int,
-        limit: int,
-        cancel: threading.Event,
-        started: float,
-    ) -> Iterator[TokenEvent | DoneEvent]:
-        """Hand the sequence to the decode thread and turn its tokens into text here."""
-        assert self._decoder is not None
-        assembler = TextAssembler(options.stop)
-        generated = 0
-        first_token_at: float | None = None
-        finish = "length"
-        if limit == 0:
-            yield from _finish(assembler, finish, len(tokens), generated, started, time.perf_counter())
-            return
-        job = Job(prompt=tokens, sampler=self._sampler(options, grammar, seed), limit=limit, cancel=cancel)
-        try:
-            self._decoder.submit(job)
-            while True:
-                item = job.out.get()
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if isinstance(item, Exception):
-                    raise EngineRuntimeError(f"llama.cpp failed while generating: {item}")
-                if isinstance(item, Finished):
-                    finish = item.reason
-                    break
-                if cancel.is_set():
-                    finish = "cancelled"
-                    break
-                generated += 1
-                piece = assembler.feed(self.model.detokenize([item]))
-                if piece:
-                    yield TokenEvent(piece)
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-        finally:
-            # Whatever ended this reader (a stop string, a closed iterator), free the slot.
-            job.abandoned.set()
-        yield from _finish(assembler, finish, len(tokens), generated, started, first_token_at)
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
         # Requests may run side by side in parallel mode; the embedding context is one.
@@ -376,6 +339,49 @@ class LlamaCppEngine:
             self.model.close()
         if self._embedder is not None:
             self._embedder.close()
+
+
+def _no_tokens() -> Generator[int, None, str]:
+    return "length"
+    yield  # pragma: no cover - makes this a generator
+
+
+def _text_events(
+    source: Generator[int, None, str],
+    detokenize: Callable[[list[int]], bytes],
+    stop: list[str] | None,
+    cancel: threading.Event,
+    prompt_tokens: int,
+    started: float,
+) -> Iterator[TokenEvent | DoneEvent]:
+    """Turn sampled tokens into text events, whichever path sampled them. The source
+    returns its finish reason; a cancel or a stop string ends it early."""
+    assembler = TextAssembler(stop)
+    generated = 0
+    first_token_at: float | None = None
+    finish = "length"
+    try:
+        while True:
+            try:
+                token = next(source)
+            except StopIteration as end:
+                finish = end.value
+                break
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if cancel.is_set():
+                finish = "cancelled"
+                break
+            generated += 1
+            piece = assembler.feed(detokenize([token]))
+            if piece:
+                yield TokenEvent(piece)
+            if assembler.stopped:
+                finish = "stop"
+                break
+    finally:
+        source.close()
+    yield from _finish(assembler, finish, prompt_tokens, generated, started, first_token_at)
 
 
 def _finish(
