@@ -343,12 +343,18 @@ def test_runner_killed_during_non_stream_request(start_server):
 # --- model folders and Modelfile -----------------------------------------------------------------
 
 
-def test_modelfile_defaults_apply(start_server, tmp_path):
-    models = tmp_path / "models"
-    folder = models / "tiny"
+def model_folder(models: Path, name: str, modelfile: str) -> Path:
+    """A model folder holding the default model's weights and the given Modelfile."""
+    folder = models / name
     folder.mkdir(parents=True)
     os.link(packaged_default_model(), folder / "weights.gguf")
-    (folder / "Modelfile").write_text('FROM="weights.gguf"\nMAX_NEW_TOKENS=3\nTEMPERATURE=0\n')
+    (folder / "Modelfile").write_text(modelfile)
+    return folder
+
+
+def test_modelfile_defaults_apply(start_server, tmp_path):
+    models = tmp_path / "models"
+    model_folder(models, "tiny", 'FROM="weights.gguf"\nMAX_NEW_TOKENS=3\nTEMPERATURE=0\n')
     srv = start_server(models_dir=models, args=["--no-default", "--model", "tiny"])
     with srv.client() as client:
         assert client.get("/models").json() == {"models": ["tiny"]}
@@ -361,10 +367,7 @@ def test_modelfile_defaults_apply(start_server, tmp_path):
 
 def test_bad_modelfile_is_a_clear_error(start_server, tmp_path):
     models = tmp_path / "models"
-    folder = models / "odd"
-    folder.mkdir(parents=True)
-    os.link(packaged_default_model(), folder / "weights.gguf")
-    (folder / "Modelfile").write_text("this line has no equals sign\n")
+    model_folder(models, "odd", "this line has no equals sign\n")
     srv = start_server(models_dir=models, args=["--no-default"], expect_model=False)
     with srv.client() as client:
         response = client.post("/load_model", json={"model_name": "odd"})
