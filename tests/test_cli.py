@@ -87,6 +87,7 @@ def test_ps_shows_the_loaded_model(server: RkllamaServer) -> None:
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["NAME", "SIZE", "FORMAT", "UNTIL"]
     assert [r.split()[0] for r in rows] == [DEFAULT_MODEL_NAME]
+    assert rows[0].split()[-1] == "forever"  # the default model has no keep-alive deadline
 
 
 def test_host_flag_wins_and_unreachable_server_is_one_line(server: RkllamaServer) -> None:

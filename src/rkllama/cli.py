@@ -76,7 +76,8 @@ def _when(iso: str | None) -> str:
         moment = datetime.fromisoformat(iso)
     except ValueError:
         return iso
-    if moment.year >= 9999:
+    # The server reports "kept loaded for good" as a far-future expiry, as Ollama does.
+    if moment.year >= datetime.now().year + 50:
         return "forever"
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
