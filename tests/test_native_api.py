@@ -464,3 +464,19 @@ def test_prompt_longer_than_the_context_is_a_400(server):
         assert response.status_code == 400
         assert "context" in response.json()["error"]
         assert generate(client, messages="Hi", max_tokens=2).status_code == 200
+
+
+def test_runners_exit_with_the_server_even_when_it_is_killed(start_server):
+    srv = start_server()
+    (runner,) = srv.runner_pids()
+    os.kill(srv.process.pid, signal.SIGKILL)
+    srv.process.wait()
+    # The runner sees its socket close and exits: no orphan holding the model's memory.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(runner, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"runner {runner} outlived the killed server")
