@@ -14,6 +14,7 @@ to the last, so every contender is measured the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -78,26 +79,26 @@ def decode_rate(stamps: list[float], tokens: int) -> float:
 # --- contenders ---------------------------------------------------------------------------
 
 
-def direct_llama_cpp(gguf: Path, threads: int, tokens: int, runs: int) -> tuple[float, float]:
-    from llama_cpp import Llama
+class DirectLlama:
+    """llama-cpp-python called directly, in this process: the floor of our own overhead."""
 
-    _avoid_amx_weight_buffers()
-    llm = Llama(str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
-    text = render_chat(llm.metadata.get("tokenizer.chat_template"), [ChatMessage("user", PROMPT)])
-    prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
-    rates = []
-    for _ in range(runs):
-        llm.reset()
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        _avoid_amx_weight_buffers()
+        self.llm = Llama(str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+        text = render_chat(self.llm.metadata.get("tokenizer.chat_template"), [ChatMessage("user", PROMPT)])
+        self.prompt_text = text
+        self.prompt = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def run(self, tokens: int) -> float:
+        self.llm.reset()
         stamps: list[float] = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1):
+        for _ in self.llm.generate(self.prompt, temp=0.0, top_k=1):
             stamps.append(time.perf_counter())
             if len(stamps) >= tokens:
                 break
-            del token
-        rates.append(decode_rate(stamps, len(stamps)))
-    rss = rss_mib(os.getpid())
-    llm.close()
-    return statistics.median(rates), rss
+        return decode_rate(stamps, len(stamps))
 
 
 def stream_rkllama(base: str, tokens: int) -> tuple[int, list[float]]:
@@ -132,10 +133,6 @@ def stream_llama_server(base: str, prompt: str, tokens: int) -> tuple[int, list[
     return count, stamps
 
 
-def measure(stream: Callable[[], tuple[int, list[float]]], runs: int) -> float:
-    return statistics.median(decode_rate(stamps, count) for count, stamps in (stream() for _ in range(runs)))
-
-
 def aggregate(stream: Callable[[], tuple[int, list[float]]], streams: int) -> float:
     """Total tokens per second of `streams` requests sent at once."""
     results: list[int] = []
@@ -160,63 +157,39 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def run_rkllama(models: Path, threads: int, tokens: int, runs: int, streams: int) -> dict[str, float]:
+@contextlib.contextmanager
+def rkllama_server(models: Path, threads: int) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
-    env = {**os.environ, "RKLLAMA_LOG_LEVEL": "warning"}
     folder = models / DEFAULT_MODEL_NAME
-    (folder / "Modelfile").write_text(
-        (folder / "Modelfile").read_text() + f'NUM_THREAD="{threads}"\nNUM_CTX="{N_CTX}"\n'
-    )
+    modelfile = folder / "Modelfile"
+    modelfile.write_text(modelfile.read_text() + f'NUM_THREAD="{threads}"\nNUM_CTX="{N_CTX}"\n')
     proc = subprocess.Popen(
         [sys.executable, "-m", "rkllama", "serve", "--port", str(port), "--models", str(models)],
-        env=env,
+        env={**os.environ, "RKLLAMA_LOG_LEVEL": "warning"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
+        base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/current_model")
-        stream_rkllama(base, 8)  # warm-up
-        rate = measure(lambda: stream_rkllama(base, tokens), runs)
-        agg = aggregate(lambda: stream_rkllama(base, tokens), streams)
-        runner_rss = sum(rss_mib(p) for p in children(proc.pid))
-        return {"decode": rate, "aggregate": agg, "rss": runner_rss, "server_rss": rss_mib(proc.pid)}
+        yield base, proc
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def run_llama_server(
-    binary: Path, gguf: Path, prompt: str, threads: int, tokens: int, runs: int, streams: int
-) -> dict[str, float]:
+@contextlib.contextmanager
+def llama_server(binary: Path, gguf: Path, threads: int, streams: int) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
-    args = [
-        str(binary),
-        "-m",
-        str(gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
-        "-c",
-        str(N_CTX * streams),
-        "-np",
-        str(streams),
-    ]
+    args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * streams), "-np", str(streams)]
     if _cpu_has_amx():
         args.append("--no-repack")  # as our runner: AMX weight buffers crash here
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
     try:
+        base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health")
-        stream_llama_server(base, prompt, 8)
-        rate = measure(lambda: stream_llama_server(base, prompt, tokens), runs)
-        agg = aggregate(lambda: stream_llama_server(base, prompt, tokens), streams)
-        return {"decode": rate, "aggregate": agg, "rss": rss_mib(proc.pid)}
+        yield base, proc
     finally:
         proc.terminate()
         proc.wait(30)
@@ -232,19 +205,52 @@ def main() -> int:
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # Every contender runs at once (idle ones cost nothing) and the runs alternate, so a
+    # machine that speeds up or slows down during the bench affects them all alike.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         models = Path(tmp)
         install_default_model(ModelStore(models))
         gguf = next((models / DEFAULT_MODEL_NAME).glob("*.gguf"))
-        direct_rate, direct_rss = direct_llama_cpp(gguf, args.threads, args.tokens, args.runs)
-        ours = run_rkllama(models, args.threads, args.tokens, args.runs, args.streams)
-        peer = None
+        direct = DirectLlama(gguf, args.threads)
+        ours_base, ours_proc = stack.enter_context(rkllama_server(models, args.threads))
+        contenders: dict[str, Callable[[], tuple[int, list[float]]]] = {
+            "rkllama": lambda: stream_rkllama(ours_base, args.tokens),
+        }
+        peer_proc = None
         if args.llama_server.exists():
-            from llama_cpp import Llama
-
-            meta = Llama(str(gguf), vocab_only=True, verbose=False).metadata
-            prompt = render_chat(meta.get("tokenizer.chat_template"), [ChatMessage("user", PROMPT)])
-            peer = run_llama_server(args.llama_server, gguf, prompt, args.threads, args.tokens, args.runs, args.streams)
+            peer_base, peer_proc = stack.enter_context(
+                llama_server(args.llama_server, gguf, args.threads, args.streams)
+            )
+            contenders["llama-server"] = lambda: stream_llama_server(peer_base, direct.prompt_text, args.tokens)
+        for run in contenders.values():
+            run()  # warm-up
+        decode: dict[str, list[float]] = {name: [] for name in [*contenders, "direct"]}
+        together: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_number in range(args.runs):
+            order = list(contenders)
+            order = order[round_number % len(order) :] + order[: round_number % len(order)]
+            decode["direct"].append(direct.run(args.tokens))
+            for name in order:
+                count, stamps = contenders[name]()
+                decode[name].append(decode_rate(stamps, count))
+            for name in order:
+                together[name].append(aggregate(contenders[name], args.streams))
+        rates = {name: statistics.median(values) for name, values in decode.items()}
+        agg = {name: statistics.median(values) for name, values in together.items()}
+        rss = {
+            "rkllama": sum(rss_mib(p) for p in children(ours_proc.pid)),
+            "direct": rss_mib(os.getpid()),
+            "server": rss_mib(ours_proc.pid),
+        }
+        if peer_proc is not None:
+            rss["llama-server"] = rss_mib(peer_proc.pid)
+    peer = (
+        {"decode": rates["llama-server"], "aggregate": agg["llama-server"], "rss": rss["llama-server"]}
+        if "llama-server" in rates
+        else None
+    )
+    ours = {"decode": rates["rkllama"], "aggregate": agg["rkllama"], "rss": rss["rkllama"], "server_rss": rss["server"]}
+    direct_rate, direct_rss = rates["direct"], rss["direct"]
 
     rows = [
         "| measure | rkllama | llama-cpp-python direct | ratio | llama-server | ratio |",
@@ -260,7 +266,7 @@ def main() -> int:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     header = (
         f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-        f"threads={args.threads}, tokens={args.tokens}, runs={args.runs} (median)\n\n`{command}`\n"
+        f"threads={args.threads}, tokens={args.tokens}, runs={args.runs} (median, interleaved)\n\n`{command}`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
     print(table)

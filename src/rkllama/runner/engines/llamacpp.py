@@ -92,6 +92,12 @@ def _int_setting(spec: LoadSpec, override: str, modelfile_key: str, default: int
         raise EngineError(f"{modelfile_key} must be an integer, got {value!r}.") from None
 
 
+def _flash_attention(spec: LoadSpec) -> bool:
+    """On unless the load, the Modelfile (FLASH_ATTN) or RKLLAMA_FLASH_ATTN says off."""
+    value = spec.overrides.get("flash_attn", spec.modelfile.get("FLASH_ATTN", os.environ.get("RKLLAMA_FLASH_ATTN")))
+    return str(value).strip().lower() not in {"0", "false", "off", "no"}
+
+
 def tool_call_schema(tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
     """JSON schema of one call to the chosen tool (or to any tool for "required")."""
     functions = [t.get("function", t) for t in tools]
@@ -130,6 +136,8 @@ class LlamaCppEngine:
             n_threads=threads,
             n_threads_batch=threads,
             n_batch=_int_setting(spec, "num_batch", "NUM_BATCH", 512),
+            # Flash attention, as llama-server uses by default: ~10% faster decoding on the CPU.
+            flash_attn=_flash_attention(spec),
             verbose=False,
         )
         _avoid_amx_weight_buffers()
@@ -147,7 +155,14 @@ class LlamaCppEngine:
                 set_verbose(False)
                 self.model = LlamaModel(path_model=spec.path, params=model_params, verbose=False)
                 self.n_ctx = n_ctx
-                self._decoder = BatchDecoder(self.model, n_ctx, self.n_parallel, self._llama_kwargs["n_batch"], threads)
+                self._decoder = BatchDecoder(
+                    self.model,
+                    n_ctx,
+                    self.n_parallel,
+                    self._llama_kwargs["n_batch"],
+                    threads,
+                    flash_attn=self._llama_kwargs["flash_attn"],
+                )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {os.path.basename(spec.path)}: {exc}") from None
         self._embedder: Llama | None = None

@@ -68,7 +68,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class BatchDecoder:
-    def __init__(self, model: LlamaModel, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int) -> None:
+    def __init__(
+        self, model: LlamaModel, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int, flash_attn: bool
+    ) -> None:
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -82,7 +84,9 @@ class BatchDecoder:
         # else shares the batch (with one unified cache it did, in the last bits, and drifted).
         params.kv_unified = False
         # As `Llama` (NUM_PARALLEL=1) runs: the same numerics, so the same greedy answers.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
