@@ -80,13 +80,16 @@ def decode_rate(stamps: list[float], tokens: int) -> float:
 
 
 class DirectLlama:
-    """llama-cpp-python called directly, in this process: the floor of our own overhead."""
+    """llama-cpp-python called directly, in this process, with the settings our runner uses
+    (flash attention on, as llama-server has it by default): the floor of our own overhead."""
 
     def __init__(self, gguf: Path, threads: int) -> None:
         from llama_cpp import Llama
 
         _avoid_amx_weight_buffers()
-        self.llm = Llama(str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = Llama(
+            str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
+        )
         text = render_chat(self.llm.metadata.get("tokenizer.chat_template"), [ChatMessage("user", PROMPT)])
         self.prompt_text = text
         self.prompt = self.llm.tokenize(text.encode(), add_bos=False, special=True)
