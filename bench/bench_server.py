@@ -160,6 +160,17 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def serving(proc: subprocess.Popen, port: int, ready_path: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Wait until the server answers `ready_path`, hand it out, and stop it afterwards."""
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + ready_path)
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @contextlib.contextmanager
 def rkllama_server(models: Path, threads: int) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
@@ -172,13 +183,7 @@ def rkllama_server(models: Path, threads: int) -> Iterator[tuple[str, subprocess
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/current_model")
-        yield base, proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    yield from serving(proc, port, "/current_model")
 
 
 @contextlib.contextmanager
@@ -189,13 +194,7 @@ def llama_server(binary: Path, gguf: Path, threads: int, streams: int) -> Iterat
     if _cpu_has_amx():
         args.append("--no-repack")  # as our runner: AMX weight buffers crash here
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/health")
-        yield base, proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    yield from serving(proc, port, "/health")
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 ErrorRenderer = Callable[[int, str], JSONResponse]
 # Dialects whose error shape differs register a renderer for their path prefix.
-ERROR_RENDERERS: dict[str, ErrorRenderer] = {"/v1/": openai.render_error} if hasattr(openai, "render_error") else {}
+ERROR_RENDERERS: dict[str, ErrorRenderer] = {"/v1/": openai.render_error}
 
 
 def render_error(request: Request, status: int, message: str) -> JSONResponse:
