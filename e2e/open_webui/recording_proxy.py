@@ -1,0 +1,144 @@
+"""A recording reverse proxy: sits between Open WebUI and `rkllama serve`, forwards every
+request unchanged and appends one JSON line per finished exchange to a log, so the e2e run
+can store exactly what Open WebUI sent (and when) as a replay fixture.
+
+Run with the e2e venv's Python (it has starlette, uvicorn and httpx):
+    python recording_proxy.py --upstream http://127.0.0.1:8080 --port 11434 --log requests.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+# Headers worth keeping in the record: they change how the server answers.
+RECORDED_HEADERS = ("content-type", "accept", "authorization", "user-agent")
+# Hop-by-hop headers that must not be forwarded either way.
+HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
+# How much of a response body the log keeps (bodies are for diagnosis, requests are the fixture).
+RESPONSE_KEEP = 4000
+# POST <proxy>/__e2e_phase/<name> records a step boundary instead of being forwarded.
+PHASE_PREFIX = "/__e2e_phase"
+
+
+def build_app(upstream: str, log_path: Path) -> Starlette:
+    started = time.monotonic()
+    counter = {"n": 0}
+
+    def now_ms() -> float:
+        return round((time.monotonic() - started) * 1000, 1)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(base_url=upstream, timeout=None) as client:
+            app.state.client = client
+            yield
+
+    def write(entry: dict) -> None:
+        with log_path.open("a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+    async def mark_phase(request: Request) -> Response:
+        # The browser driver marks where each step starts, in the same timeline as the requests.
+        write({"event": "phase", "name": request.path_params["name"], "t_ms": now_ms()})
+        return Response(status_code=204)
+
+    async def forward(request: Request) -> StreamingResponse:
+        counter["n"] += 1
+        seq = counter["n"]
+        body = await request.body()
+        try:
+            parsed_body = json.loads(body) if body else None
+        except ValueError:
+            parsed_body = body.decode(errors="replace")
+        # The request is logged on arrival: a request the client gives up on is part of the story.
+        write(
+            {
+                "event": "request",
+                "seq": seq,
+                "t_ms": now_ms(),
+                "method": request.method,
+                "path": request.url.path,
+                "query": request.url.query,
+                "headers": {k: v for k, v in request.headers.items() if k.lower() in RECORDED_HEADERS},
+                "body": parsed_body,
+            }
+        )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        upstream_request = request.app.state.client.build_request(
+            request.method, request.url.path, params=request.url.query or None, headers=headers, content=body
+        )
+        try:
+            response = await request.app.state.client.send(upstream_request, stream=True)
+        except BaseException as exc:  # the client went away (cancelled) or upstream failed
+            write({"event": "end", "seq": seq, "t_ms": now_ms(), "status": None, "outcome": type(exc).__name__})
+            raise
+        first_byte = now_ms()
+        kept = bytearray()
+        total = {"bytes": 0}
+
+        async def relay() -> AsyncIterator[bytes]:
+            outcome = "client_disconnected"
+            try:
+                async for chunk in response.aiter_raw():
+                    total["bytes"] += len(chunk)
+                    if len(kept) < RESPONSE_KEEP:
+                        kept.extend(chunk[: RESPONSE_KEEP - len(kept)])
+                    else:
+                        # keep the tail too: a stream's last line carries the usage / done record
+                        tail = (bytes(kept[RESPONSE_KEEP // 2 :]) + chunk)[-(RESPONSE_KEEP // 2) :]
+                        kept[RESPONSE_KEEP // 2 :] = tail
+                    yield chunk
+                outcome = "complete"
+            finally:
+                try:
+                    await response.aclose()
+                finally:
+                    write(
+                        {
+                            "event": "end",
+                            "seq": seq,
+                            "t_ms": now_ms(),
+                            "t_first_byte_ms": first_byte,
+                            "status": response.status_code,
+                            "outcome": outcome,
+                            "response_content_type": response.headers.get("content-type", ""),
+                            "response_bytes": total["bytes"],
+                            "response_excerpt": kept.decode(errors="replace"),
+                        }
+                    )
+
+        out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
+        out_headers.pop("content-encoding", None)
+        return StreamingResponse(relay(), status_code=response.status_code, headers=out_headers)
+
+    methods = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
+    routes = [
+        Route(f"{PHASE_PREFIX}/{{name}}", mark_phase, methods=["POST"]),
+        Route("/{path:path}", forward, methods=methods),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upstream", required=True, help="base URL of rkllama serve")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log", type=Path, required=True, help="JSON-lines file to append exchanges to")
+    args = parser.parse_args()
+    uvicorn.run(build_app(args.upstream, args.log), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
