@@ -131,3 +131,5 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     # How many requests the runner may run at once (llama.cpp's NUM_PARALLEL; rkllm: 1).
     parallel: int = 1
+    # CPU threads the engine computes with (llama.cpp's NUM_THREAD; rkllm: CPUs in its mask).
+    threads: int = 0

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..types import EmbedRequest, GenerateRequest, TokenEvent
 from .engines.base import Engine, EngineError, LoadSpec, create_engine
+from .engines.cpu_threads import apply_wait_policy
 from .protocol import decode, encode
 
 log = logging.getLogger("rkllama.runner")
@@ -132,11 +133,14 @@ def serve(conn: Connection) -> int:
     if first is None or first.get("op") != "load":
         return 2
     try:
+        # Before the engine loads llama.cpp: OpenMP reads its wait policy once, at load.
+        wait_policy = apply_wait_policy()
         engine = create_engine(LoadSpec(**first["spec"]))
     except Exception as exc:
         message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
         conn.send({"op": "load_error", "message": message})
         return 1
+    log.info("%s engine: %d threads, %s", engine.info.engine, engine.info.threads, wait_policy)
     conn.send({"op": "ready", "info": asdict(engine.info)})
 
     work: queue.Queue[dict[str, Any] | None] = queue.Queue()

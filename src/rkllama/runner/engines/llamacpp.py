@@ -37,6 +37,7 @@ from ...types import (
     Usage,
 )
 from .base import EngineError, EngineRuntimeError, LoadSpec
+from .cpu_threads import THREADS_ENV, default_threads
 from .llamacpp_batch import BatchDecoder, Finished, Job
 from .textstream import TextAssembler
 
@@ -123,7 +124,11 @@ class LlamaCppEngine:
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
         n_ctx = _int_setting(spec, "num_ctx", "NUM_CTX", DEFAULT_CONTEXT)
-        threads = _int_setting(spec, "num_thread", "NUM_THREAD", os.cpu_count() or 1)
+        env_threads = os.environ.get(THREADS_ENV) or default_threads()
+        threads = _int_setting(spec, "num_thread", "NUM_THREAD", env_threads)
+        if threads < 1:
+            raise EngineError(f"NUM_THREAD must be at least 1, got {threads}.")
+        self.n_threads = threads
         env_parallel = os.environ.get("RKLLAMA_NUM_PARALLEL") or DEFAULT_PARALLEL
         self.n_parallel = _int_setting(spec, "num_parallel", "NUM_PARALLEL", env_parallel)
         if not 1 <= self.n_parallel <= llama_cpp.llama_max_parallel_sequences():
@@ -176,6 +181,7 @@ class LlamaCppEngine:
             context_length=self.n_ctx,
             metadata={k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")},
             parallel=self.n_parallel,
+            threads=self.n_threads,
         )
         self.info.metadata.setdefault("general.architecture", arch)
         self._bos = self._special_text(self.model.token_bos())

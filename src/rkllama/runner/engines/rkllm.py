@@ -133,6 +133,7 @@ class RkllmEngine:
                 "rkllm.platform": self.platform,
                 "rkllm.prompt": "tokenizer" if self.tokenizer else "runtime template",
             },
+            threads=self.settings.enabled_cpus_num,
         )
 
     # --- loading --------------------------------------------------------------------
