@@ -26,13 +26,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _flag_value(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
 class RkllamaServer:
     """A running `rkllama serve` subprocess."""
 
     def __init__(
-        self, models_dir: Path, log_path: Path, args: list[str] | None = None, env: dict[str, str] | None = None
+        self,
+        models_dir: Path,
+        log_path: Path,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.models_dir = models_dir
+        # The key the server requires, if any: wait_ready() must send it.
+        self.api_key = api_key or _flag_value(args or [], "--api-key") or (env or {}).get("RKLLAMA_API_KEY")
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -67,7 +78,8 @@ class RkllamaServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"rkllama serve exited early:\n{self.log()}")
             try:
-                with self.client(timeout=2.0) as client:
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                with self.client(timeout=2.0, headers=headers) as client:
                     if client.get("/").status_code == 200 and (
                         not expect_model or client.get("/current_model").status_code == 200
                     ):
@@ -121,7 +133,7 @@ def server(shared_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """Start a private server: start_server(models_dir=None, args=[], env={}, expect_model=True)."""
+    """Start a private server: start_server(models_dir=None, args=[], env={}, expect_model=True, api_key=None)."""
     started: list[RkllamaServer] = []
 
     def start(
@@ -129,9 +141,10 @@ def start_server(tmp_path: Path) -> Iterator:
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
         expect_model: bool = True,
+        api_key: str | None = None,
     ) -> RkllamaServer:
         directory = models_dir if models_dir is not None else make_models_dir(tmp_path / f"models{len(started)}")
-        srv = RkllamaServer(directory, tmp_path / f"server{len(started)}.log", args=args, env=env)
+        srv = RkllamaServer(directory, tmp_path / f"server{len(started)}.log", args=args, env=env, api_key=api_key)
         started.append(srv)
         return srv.wait_ready(expect_model=expect_model)
 

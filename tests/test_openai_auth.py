@@ -1,5 +1,6 @@
-"""The optional API key (--api-key): /v1/* and /api/* need `Authorization: Bearer <key>`;
-`/` and the native API stay open. Clients: the official `openai` and `ollama` packages."""
+"""The optional API key (--api-key): every route but `GET /` needs `Authorization: Bearer <key>`,
+in each dialect's error shape. Clients: the official `openai` and `ollama` packages; the
+route-by-route check is in test_security.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 KEY = "test-key-7f3a"
 
 
-def test_api_key_guards_both_dialects(start_server) -> None:
+def test_api_key_guards_every_dialect(start_server) -> None:
     srv = start_server(args=["--api-key", KEY])
 
     for wrong in ("x", KEY + "x"):
@@ -38,5 +39,8 @@ def test_api_key_guards_both_dialects(start_server) -> None:
     with srv.client() as http:
         assert http.get("/").status_code == 200
         assert http.head("/").status_code == 200
-        assert http.get("/models").status_code == 200
-        assert http.get("/current_model").json() == {"model_name": "SmolLM2-135M-Instruct"}
+        missing = {"error": "Missing API key: send the header 'Authorization: Bearer <key>'."}
+        assert http.get("/models").status_code == 401 and http.get("/models").json() == missing
+        assert http.get("/current_model").json() == missing
+        keyed_current = http.get("/current_model", headers={"Authorization": f"Bearer {KEY}"})
+        assert keyed_current.json() == {"model_name": "SmolLM2-135M-Instruct"}

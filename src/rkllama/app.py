@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .api import native, native_pull, ollama, openai
 from .api.common import AppState
+from .api.guards import install_guards
 from .errors import RkllamaError
 from .scheduler import Scheduler
 from .settings import Settings
@@ -32,11 +33,15 @@ ErrorRenderer = Callable[[int, str], JSONResponse]
 ERROR_RENDERERS: dict[str, ErrorRenderer] = {"/v1/": openai.render_error}
 
 
-def render_error(request: Request, status: int, message: str) -> JSONResponse:
+def render_for_path(path: str, status: int, message: str) -> JSONResponse:
     for prefix, renderer in ERROR_RENDERERS.items():
-        if request.url.path.startswith(prefix):
+        if path.startswith(prefix):
             return renderer(status, message)
     return error_response(status, message)
+
+
+def render_error(request: Request, status: int, message: str) -> JSONResponse:
+    return render_for_path(request.url.path, status, message)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -97,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="RKLLama", version=__version__, lifespan=lifespan)
     app.state.rkllama = AppState(settings=settings, store=store, scheduler=scheduler)
     install_error_handlers(app)
+    install_guards(app, settings, render_for_path)
     app.include_router(native.router)
     app.include_router(native_pull.router)
     app.include_router(ollama.router)

@@ -14,7 +14,9 @@ from pathlib import Path
 from . import __version__
 from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, server_url
 from .errors import RkllamaError
-from .settings import Settings
+from .settings import Settings, comma_list
+
+_PATH_SETTINGS = {"models_dir", "api_key_file"}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,7 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
     for name in Settings.names():
         value = getattr(args, name, None)
         if value is not None and value is not False:
-            setattr(settings, name, Path(value).expanduser() if name == "models_dir" else value)
+            setattr(settings, name, Path(value).expanduser() if name in _PATH_SETTINGS else value)
+    settings.resolve_api_key()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     print(
@@ -48,15 +51,42 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env RKLLAMA_LOG_LEVEL")
     serve.add_argument("--no-default", action="store_true", help="do not install or load the built-in default model")
     serve.add_argument("--model", help="model to load at start instead of the default (env RKLLAMA_MODEL)")
-    serve.add_argument("--api-key", help="require this bearer key on /api/* and /v1/* (env RKLLAMA_API_KEY)")
+    serve.add_argument("--api-key", help="require this bearer key on every route but GET / (env RKLLAMA_API_KEY)")
+    serve.add_argument(
+        "--api-key-file", help="read the API key from this file, so it does not show in `ps` (env RKLLAMA_API_KEY_FILE)"
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        type=comma_list,
+        help="Host header names to serve besides loopback names, IP addresses and the bind address;"
+        " comma-separated, '*' for any (env RKLLAMA_ALLOWED_HOSTS)",
+    )
+    serve.add_argument(
+        "--origins",
+        type=comma_list,
+        help="browser origins allowed besides local ones, e.g. https://app.example,chrome-extension://*;"
+        " '*' for any (env RKLLAMA_ORIGINS)",
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, help="largest request body, in bytes (env RKLLAMA_MAX_BODY_BYTES, default 32 MiB)"
+    )
     serve.add_argument(
         "--max-loaded-models", type=int, help="models kept loaded at once (env RKLLAMA_MAX_LOADED_MODELS, default 1)"
     )
     serve.set_defaults(func=_serve)
 
 
+def _client_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else RKLLAMA_API_KEY, else the file in RKLLAMA_API_KEY_FILE (as the server reads it)."""
+    if args.api_key or os.environ.get("RKLLAMA_API_KEY"):
+        return args.api_key or os.environ.get("RKLLAMA_API_KEY")
+    settings = Settings(api_key=None)
+    settings.resolve_api_key()
+    return settings.api_key
+
+
 def _client(args: argparse.Namespace) -> RkllamaClient:
-    return RkllamaClient(server_url(args.host), api_key=args.api_key or os.environ.get("RKLLAMA_API_KEY"))
+    return RkllamaClient(server_url(args.host), api_key=_client_api_key(args))
 
 
 def _human_size(size: int | None) -> str:

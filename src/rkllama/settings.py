@@ -6,9 +6,13 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .errors import RkllamaError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MODELS_DIR = "~/RKLLAMA/models"
+# Generous: a chat with a few base64 images fits; one request cannot fill the memory.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -17,6 +21,15 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def _env_bool(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def comma_list(text: str | None) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: the form of list settings in flags and the environment."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+class SettingsError(RkllamaError):
+    """A setting that cannot be used; the server does not start."""
 
 
 @dataclass
@@ -29,8 +42,19 @@ class Settings:
     log_level: str = field(default_factory=lambda: (_env("LOG_LEVEL", "info") or "info").lower())
     # Skip installing and loading the built-in default model at start.
     no_default: bool = field(default_factory=lambda: _env_bool("NO_DEFAULT"))
-    # When set, /api/* and /v1/* require "Authorization: Bearer <key>".
+    # When set, every route but GET / requires "Authorization: Bearer <key>" (docs/security.md).
     api_key: str | None = field(default_factory=lambda: _env("API_KEY") or None)
+    # A file holding the key, so it need not show in `ps` or the environment.
+    api_key_file: Path | None = field(
+        default_factory=lambda: Path(_env("API_KEY_FILE") or "").expanduser() if _env("API_KEY_FILE") else None
+    )
+    # Host header names served besides loopback names, IP addresses and the bind address; "*" for any.
+    allowed_hosts: list[str] = field(default_factory=lambda: comma_list(_env("ALLOWED_HOSTS")))
+    # Browser origins allowed besides the local ones (like OLLAMA_ORIGINS); "*" for any.
+    origins: list[str] = field(default_factory=lambda: comma_list(_env("ORIGINS")))
+    max_body_bytes: int = field(
+        default_factory=lambda: int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)) or DEFAULT_MAX_BODY_BYTES)
+    )
     # Model to load at start instead of the built-in default.
     model: str | None = field(default_factory=lambda: _env("MODEL") or None)
     max_loaded_models: int = field(default_factory=lambda: int(_env("MAX_LOADED_MODELS", "1") or 1))
@@ -38,6 +62,20 @@ class Settings:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def resolve_api_key(self) -> None:
+        """Read the key from api_key_file, if given; a missing or empty file stops the start."""
+        if self.api_key_file is None:
+            return
+        if self.api_key:
+            raise SettingsError("Give the API key once: --api-key (RKLLAMA_API_KEY) or --api-key-file, not both.")
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"Cannot read the API key file {self.api_key_file}: {exc}.") from None
+        if not key:
+            raise SettingsError(f"The API key file {self.api_key_file} is empty; write the key in it.")
+        self.api_key = key
 
     @property
     def display_models_dir(self) -> str:

@@ -20,12 +20,11 @@ from ..store.models_dir import ModelEntry
 from ..store.names import openai_id, resolve_model
 from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest, Usage
-from .auth import require_api_key
 from .common import AppState, app_state
 from .dialect import ReplyText, load_target, parse_body, started
 from .openai_wire import ChatBody, CompletionBody, EmbeddingsBody
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 OWNER = "rkllama"
 
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}
