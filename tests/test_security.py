@@ -143,6 +143,13 @@ def test_key_from_a_file_works_and_stays_out_of_the_command_line(start_server, t
     with srv.client() as http:
         assert http.get("/current_model").json() == {"error": MISSING_KEY}
         assert http.get("/current_model", headers=BEARER).json() == {"model_name": DEFAULT_MODEL_NAME}
+    # The `rkllama` client commands read the same file.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLAMA_API_KEY")}
+    command = [sys.executable, "-m", "rkllama", "list", "--host", srv.base_url]
+    listed = subprocess.run(command, capture_output=True, text=True, env={**env, "RKLLAMA_API_KEY_FILE": str(key_file)})
+    assert listed.returncode == 0 and DEFAULT_MODEL_NAME in listed.stdout, listed.stderr
+    refused = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "API key" in refused.stderr
 
 
 @pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
@@ -230,7 +237,8 @@ def test_foreign_host_is_refused(open_server: RkllamaServer) -> None:
             assert "--allowed-hosts" in response.json()["error"]
         response = http.get("/v1/models", headers={"Host": "evil.example"})
         assert response.status_code == 403 and "--allowed-hosts" in response.json()["error"]["message"]
-        for host in (f"localhost:{port}", f"board.example:{port}", f"192.168.7.20:{port}", f"[::1]:{port}"):
+        allowed = ("localhost", "board.example", "192.168.7.20", "[::1]", "host.docker.internal", "rock5b.local")
+        for host in (f"{name}:{port}" for name in allowed):
             assert http.get("/models", headers={"Host": host}).status_code == 200, host
     assert (decoy / "Modelfile").is_file()
     shutil.rmtree(decoy)

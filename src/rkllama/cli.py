@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, server_url
 from .errors import RkllamaError
-from .settings import Settings, comma_list
+from .settings import Settings, comma_list, read_api_key_file
 
 _PATH_SETTINGS = {"models_dir", "api_key_file"}
 
@@ -78,11 +78,10 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 def _client_api_key(args: argparse.Namespace) -> str | None:
     """--api-key, else RKLLAMA_API_KEY, else the file in RKLLAMA_API_KEY_FILE (as the server reads it)."""
-    if args.api_key or os.environ.get("RKLLAMA_API_KEY"):
+    key_file = os.environ.get("RKLLAMA_API_KEY_FILE")
+    if args.api_key or os.environ.get("RKLLAMA_API_KEY") or not key_file:
         return args.api_key or os.environ.get("RKLLAMA_API_KEY")
-    settings = Settings(api_key=None)
-    settings.resolve_api_key()
-    return settings.api_key
+    return read_api_key_file(Path(key_file).expanduser())
 
 
 def _client(args: argparse.Namespace) -> RkllamaClient:

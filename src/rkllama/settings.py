@@ -32,6 +32,19 @@ class SettingsError(RkllamaError):
     """A setting that cannot be used; the server does not start."""
 
 
+def read_api_key_file(path: Path) -> str:
+    """The file holds the key alone on one line; surrounding whitespace is ignored."""
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"Cannot read the API key file {path}: {exc}.") from None
+    if not key:
+        raise SettingsError(f"The API key file {path} is empty; write the key in it.")
+    if "\n" in key:
+        raise SettingsError(f"The API key file {path} holds more than one line; write only the key in it.")
+    return key
+
+
 @dataclass
 class Settings:
     host: str = field(default_factory=lambda: _env("HOST", DEFAULT_HOST) or DEFAULT_HOST)
@@ -69,13 +82,7 @@ class Settings:
             return
         if self.api_key:
             raise SettingsError("Give the API key once: --api-key (RKLLAMA_API_KEY) or --api-key-file, not both.")
-        try:
-            key = self.api_key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"Cannot read the API key file {self.api_key_file}: {exc}.") from None
-        if not key:
-            raise SettingsError(f"The API key file {self.api_key_file} is empty; write the key in it.")
-        self.api_key = key
+        self.api_key = read_api_key_file(self.api_key_file)
 
     @property
     def display_models_dir(self) -> str:

@@ -2,7 +2,7 @@
 
 Host: a web page can make a name it controls resolve to 127.0.0.1 (DNS rebinding) and then
 read our replies, so only names an attacker cannot point here are served: IP addresses,
-localhost, this machine's name, the bind address, and --allowed-hosts.
+localhost, this machine's name, private-use suffixes, the bind address, --allowed-hosts.
 
 Origin: a browser names the page that sends a request. Local pages and app schemes are
 allowed (as Ollama's defaults), plus --origins; any other page is refused."""
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 LOCAL_ORIGIN_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# Names no public DNS answers for (as Ollama allows): e.g. host.docker.internal, board.local.
+PRIVATE_NAME_SUFFIXES = (".localhost", ".local", ".internal")
 APP_ORIGINS = ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 
 
@@ -77,7 +79,7 @@ class AccessPolicy:
         extra_hosts = list(allowed_hosts)
         extra_origins = list(origins)
         machine = socket.gethostname().lower()
-        names = {"localhost", machine, f"{machine}.local", host_name(bind_host), *map(host_name, extra_hosts)}
+        names = {"localhost", machine, host_name(bind_host), *map(host_name, extra_hosts)}
         return cls(
             host_names=frozenset(names),
             any_host="*" in extra_hosts,
@@ -91,7 +93,7 @@ class AccessPolicy:
             return True
         name = host_name(host_header)
         # A rebinding page's Host is always its own domain name, never an IP address.
-        return _is_ip_address(name) or name in self.host_names or name.endswith(".localhost")
+        return _is_ip_address(name) or name in self.host_names or name.endswith(PRIVATE_NAME_SUFFIXES)
 
     def allows_origin(self, origin: str, host_header: str | None) -> bool:
         if self.any_origin or self.origin_pattern.fullmatch(origin.rstrip("/")):
