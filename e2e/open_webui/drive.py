@@ -56,6 +56,16 @@ class Context:
     def mark(self, phase: str) -> None:
         httpx.post(f"{self.proxy_url}/__e2e_phase/{phase}", timeout=10)
 
+    def wait_idle(self, what: str, timeout: float | None = None) -> None:
+        """Wait until no request from Open WebUI is in flight (its title/tags/follow-up tasks run
+        after the answer is shown)."""
+        wait_until(
+            f"Open WebUI's requests to finish {what}",
+            lambda: httpx.get(f"{self.proxy_url}/__e2e_in_flight", timeout=10).json() == [],
+            timeout or self.answer_timeout,
+            interval=1,
+        )
+
 
 def wait_until(what: str, condition: Callable[[], object], timeout: float, interval: float = 0.5) -> object:
     """Poll a condition until it holds (returns a truthy value) or time runs out."""
@@ -242,6 +252,9 @@ def step_stop(ctx: Context) -> str:
 
 
 def step_unload(ctx: Context) -> str:
+    # A user ejects a model they are done with; here that is once the side tasks have ended too.
+    # (Ejected while they still run, the model is not unloaded: keep_alive 0 on a busy model is a no-op.)
+    ctx.wait_idle("before ejecting the model")
     page = ctx.page
     page.locator("#model-selector-model-button").click()
     option = page.locator(f'[role=option][data-value="{ctx.ollama_model}"]')
@@ -321,6 +334,10 @@ def main() -> int:
                 traceback.print_exc(file=sys.stderr)
             status = "PASS" if ctx.results[-1][1] else "FAIL"
             print(f"[{status}] {number}. {name} ({time.monotonic() - started:.0f}s): {ctx.results[-1][2]}", flush=True)
+        try:
+            ctx.wait_idle("so the capture holds every exchange", timeout=300)
+        except AssertionError as exc:
+            print(f"note: {exc}", file=sys.stderr)
         browser.close()
 
     failed = [name for name, ok, _ in ctx.results if not ok]

@@ -19,7 +19,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 # Headers worth keeping in the record: they change how the server answers.
@@ -30,11 +30,14 @@ HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "kee
 RESPONSE_KEEP = 4000
 # POST <proxy>/__e2e_phase/<name> records a step boundary instead of being forwarded.
 PHASE_PREFIX = "/__e2e_phase"
+# GET <proxy>/__e2e_in_flight lists the exchanges not finished yet.
+IN_FLIGHT_PATH = "/__e2e_in_flight"
 
 
 def build_app(upstream: str, log_path: Path) -> Starlette:
     started = time.monotonic()
     counter = {"n": 0}
+    in_flight: dict[int, str] = {}  # seq -> path, from arrival until the exchange ends
 
     def now_ms() -> float:
         return round((time.monotonic() - started) * 1000, 1)
@@ -46,8 +49,16 @@ def build_app(upstream: str, log_path: Path) -> Starlette:
             yield
 
     def write(entry: dict) -> None:
+        if entry["event"] == "request":
+            in_flight[entry["seq"]] = entry["path"]
+        elif entry["event"] == "end":
+            in_flight.pop(entry["seq"], None)
         with log_path.open("a") as log:
             log.write(json.dumps(entry) + "\n")
+
+    async def list_in_flight(request: Request) -> JSONResponse:
+        # Lets the driver wait until Open WebUI's side tasks have finished.
+        return JSONResponse([{"seq": seq, "path": path} for seq, path in sorted(in_flight.items())])
 
     async def mark_phase(request: Request) -> Response:
         # The browser driver marks where each step starts, in the same timeline as the requests.
@@ -126,6 +137,7 @@ def build_app(upstream: str, log_path: Path) -> Starlette:
     methods = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]
     routes = [
         Route(f"{PHASE_PREFIX}/{{name}}", mark_phase, methods=["POST"]),
+        Route(IN_FLIGHT_PATH, list_in_flight, methods=["GET"]),
         Route("/{path:path}", forward, methods=methods),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
