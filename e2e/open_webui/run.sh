@@ -22,7 +22,7 @@
 #                       default one offers only CUDA builds
 #   RKLLAMA_PYTHON      Python with rkllama's dependencies (default: the checkout's .venv, made by
 #                       scripts/setup.sh if missing)
-#   E2E_ANSWER_TIMEOUT  seconds one answer may take (default 900: a busy 2-core machine is slow)
+#   E2E_ANSWER_TIMEOUT  seconds one answer may take (default 1800: on a 2-core machine shared with other work, a 7,000-token first prompt can take 10+ minutes)
 #   E2E_MODELFILE       extra Modelfile lines for the default model, e.g. 'NUM_THREAD="1"'
 #   E2E_UPDATE_FIXTURE  1: copy the captured requests to tests/fixtures/open_webui_<version>_requests.json
 #   E2E_KEEP            1: leave the work dir (logs, data) in place
@@ -33,7 +33,7 @@ repo=$(cd "$here/../.." && pwd)
 OWUI_VERSION=${OWUI_VERSION:-0.12.4}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 E2E_VENV=${E2E_VENV:-$HOME/.cache/rkllama-e2e/open-webui-$OWUI_VERSION}
-E2E_ANSWER_TIMEOUT=${E2E_ANSWER_TIMEOUT:-900}
+E2E_ANSWER_TIMEOUT=${E2E_ANSWER_TIMEOUT:-1800}
 work=$(mktemp -d /tmp/rkllama-owui-e2e.XXXXXX)
 started_at=$(date +%s)
 pids=()
