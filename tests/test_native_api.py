@@ -458,11 +458,11 @@ def test_unload_during_generation_stops_it_with_a_clear_error(start_server):
     assert srv.runner_pids() == []
 
 
-def test_prompt_longer_than_the_context_is_a_400(server):
+def test_prompt_longer_than_the_context_with_truncate_false_is_a_400(server):
     with server.client() as client:
-        response = generate(client, messages="word " * 6000, max_tokens=2)
+        response = generate(client, messages="word " * 9000, max_tokens=2, truncate=False)
         assert response.status_code == 400
-        assert "context" in response.json()["error"]
+        assert "more than the model's context of 8192, and truncate is false" in response.json()["error"]
         assert generate(client, messages="Hi", max_tokens=2).status_code == 200
 
 

@@ -41,7 +41,7 @@ def test_show_resolves_ollama_and_plain_names(client: ollama.Client, name: str) 
     shown = client.show(name)
     assert shown.details is not None and shown.details.family == "llama"
     assert "FROM SmolLM2-135M-Instruct.Q4_1.gguf" in (shown.modelfile or "")
-    assert "num_ctx 4096" in (shown.parameters or "")
+    assert "temperature 0.7" in (shown.parameters or "")
     assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
     assert shown.modelinfo["llama.context_length"] == 8192
     assert "<|im_start|>" in (shown.template or "")
@@ -60,7 +60,7 @@ def test_unknown_model_is_a_404(client: ollama.Client) -> None:
 def test_ps_shows_the_loaded_model(client: ollama.Client) -> None:
     running = client.ps().models
     assert [m.model for m in running] == [LISTED]
-    assert running[0].context_length == 4096
+    assert running[0].context_length == 8192  # the model's trained context
     assert running[0].details.quantization_level == "Q4_1"
     assert running[0].expires_at is not None
 
@@ -247,14 +247,19 @@ def test_client_leaving_stops_generation(server, client: ollama.Client) -> None:
 
 
 def test_a_failure_before_the_first_token_keeps_its_http_status(client: ollama.Client) -> None:
-    too_long = "word " * 6000  # more tokens than the loaded context of 4096
+    # Tool definitions longer than the request's context are refused before any token.
+    tools = [
+        {"type": "function", "function": {"name": f"tool_{i}", "description": "word " * 50, "parameters": {}}}
+        for i in range(10)
+    ]
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "tools": tools}
     with pytest.raises(ollama.ResponseError) as error:
-        client.generate(model=MODEL, prompt=too_long)
-    assert error.value.status_code == 400 and "more than the model's context" in error.value.error
+        client.chat(**ask, options={"num_ctx": 256})
+    assert error.value.status_code == 400 and "The tool definitions alone are" in error.value.error
     with pytest.raises(ollama.ResponseError) as error:
-        list(client.generate(model=MODEL, prompt=too_long, stream=True))
+        list(client.chat(**ask, options={"num_ctx": 256}, stream=True))
     # An HTTP error status (the client gives -1 for an error line in a started stream).
-    assert error.value.status_code == 400 and "more than the model's context" in error.value.error
+    assert error.value.status_code == 400 and "The tool definitions alone are" in error.value.error
 
 
 def test_think_with_a_model_that_does_not_think_gives_plain_content(client: ollama.Client) -> None:

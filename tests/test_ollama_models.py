@@ -142,6 +142,8 @@ def test_num_ctx_reloads_the_model(client: ollama.Client) -> None:
     assert client.ps().models[0].context_length == 1024
     client.generate(model=DEFAULT, prompt="Hi", options={**SHORT, "num_ctx": 4096})
     assert client.ps().models[0].context_length == 4096
+    client.generate(model=DEFAULT, prompt="Hi", options={**SHORT, "num_ctx": 1024})  # smaller: runs in 4096
+    assert client.ps().models[0].context_length == 4096
 
 
 def test_pull_from_the_hub(client: ollama.Client, hub: HubEmulator) -> None:

@@ -206,7 +206,11 @@ def test_errors_have_openai_shape(client: openai.OpenAI) -> None:
 
 def test_a_failure_before_the_first_token_is_an_http_error_when_streaming(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as error:
-        list(client.chat.completions.create(model=MODEL, messages=ask("word " * 6000), stream=True))
+        list(
+            client.chat.completions.create(
+                model=MODEL, messages=ask("word " * 9000), stream=True, extra_body={"truncate": False}
+            )
+        )
     assert "more than the model's context" in error.value.body["message"]
 
 

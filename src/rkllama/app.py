@@ -89,7 +89,12 @@ async def _load_startup_model(settings: Settings, store: ModelStore, scheduler: 
 
 def create_app(settings: Settings) -> FastAPI:
     store = ModelStore(settings.models_dir)
-    scheduler = Scheduler(store, max_loaded_models=settings.max_loaded_models)
+    scheduler = Scheduler(
+        store,
+        max_loaded_models=settings.max_loaded_models,
+        context_length=settings.context_length,
+        kv_budget=settings.kv_budget_bytes(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

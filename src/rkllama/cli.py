@@ -30,6 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None and value is not False:
             setattr(settings, name, Path(value).expanduser() if name in _PATH_SETTINGS else value)
     settings.resolve_api_key()
+    try:
+        settings.kv_budget_bytes()
+    except ValueError as exc:
+        raise RkllamaError(f"--kv-cache-budget: {exc}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     print(
@@ -72,6 +76,16 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-loaded-models", type=int, help="models kept loaded at once (env RKLLAMA_MAX_LOADED_MODELS, default 1)"
+    )
+    serve.add_argument(
+        "--context-length",
+        type=int,
+        help="context for models without NUM_CTX (env RKLLAMA_CONTEXT_LENGTH; default: the trained context)",
+    )
+    serve.add_argument(
+        "--kv-cache-budget",
+        help="memory one model's KV cache may take by default, e.g. 2GiB (env RKLLAMA_KV_CACHE_BUDGET; "
+        "default: a quarter of RAM)",
     )
     serve.set_defaults(func=_serve)
 

@@ -15,9 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from .context_size import ContextLimits, default_kv_budget
 from .errors import ModelLoadError, RunnerError, ServerBusy
 from .runner.client import RunnerProcess
 from .runner.engines.base import LoadSpec
+from .store.gguf_info import gguf_info
 from .store.models_dir import ModelEntry, ModelStore
 from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
 
@@ -36,6 +38,8 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     # Monotonic deadline after which an idle model is unloaded; None keeps it loaded.
     expires_at: float | None = None
+    # A larger context a waiting request needs: the model is reloaded at it once idle.
+    reload_context: int | None = None
 
     @property
     def name(self) -> str:
@@ -52,8 +56,12 @@ class Scheduler:
         store: ModelStore,
         max_loaded_models: int = 1,
         runner_factory: RunnerFactory | None = None,
+        context_length: int | None = None,
+        kv_budget: int | None = None,
     ) -> None:
         self.store = store
+        self.context_length = context_length
+        self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.max_loaded_models = max(1, max_loaded_models)
         self._runner_factory = runner_factory or (lambda spec, on_exit: RunnerProcess(spec, on_exit))
         self._loaded: dict[str, LoadedModel] = {}
@@ -73,30 +81,77 @@ class Scheduler:
         return self._loaded.get(name)
 
     # --- load / unload --------------------------------------------------------------
+    def context_limits(self, entry: ModelEntry) -> ContextLimits:
+        """What sizes the context of `entry` (its GGUF header, Modelfile and the settings)."""
+        metadata = gguf_info(entry.path).metadata if entry.format == "gguf" else {}
+        return ContextLimits.of(metadata, dict(entry.modelfile.values), self.context_length, self.kv_budget)
+
+    def default_context(self, entry: ModelEntry) -> int | None:
+        """The context a request without num_ctx gets: the loaded one, else what a load gives."""
+        loaded = self._loaded.get(entry.name)
+        if loaded is not None:
+            return loaded.info.context_length
+        return self.context_limits(entry).plan().context if entry.format == "gguf" else None
+
     async def load(self, name: str, overrides: dict | None = None) -> LoadedModel:
-        """Load `name` (a model in the store) unless it is already loaded."""
+        """Load `name` (a model in the store) unless it is already loaded.
+
+        A `num_ctx` override larger than the loaded context waits until the model is idle (its
+        requests in flight done), then reloads it at that size; requests arriving meanwhile
+        wait for the reload too, so the wait ends. A smaller or equal one uses the loaded model
+        (its requests are trimmed to their own num_ctx by the engine)."""
         entry = self.store.resolve(name)
-        async with self._load_lock:
-            existing = self._loaded.get(entry.name)
-            if existing is not None and existing.runner.alive:
-                self._current = entry.name
-                return existing
-            await self._make_room()
-            spec = LoadSpec(
-                name=entry.name,
-                path=str(entry.path),
-                format=entry.format,
-                modelfile=dict(entry.modelfile.values),
-                overrides=dict(overrides or {}),
-            )
-            runner = self._runner_factory(spec, self._runner_exited)
-            started = time.monotonic()
-            info = await runner.start()
-            model = LoadedModel(entry=entry, runner=runner, info=info, load_seconds=time.monotonic() - started)
-            self._loaded[entry.name] = model
-            self._current = entry.name
-            log.info("Loaded %s (%s) in %.2fs", entry.name, info.engine, model.load_seconds)
-            return model
+        overrides = dict(overrides or {})
+        while True:
+            async with self._load_lock:
+                existing = self._loaded.get(entry.name)
+                busy_model = None
+                if existing is not None and existing.runner.alive:
+                    needed = max(overrides.get("num_ctx") or 0, existing.reload_context or 0)
+                    if needed <= existing.info.context_length:
+                        self._current = entry.name
+                        return existing
+                    if existing.busy:
+                        existing.reload_context = needed
+                        busy_model = existing
+                    else:
+                        log.info(
+                            "Reloading %s with a context of %d (loaded: %d)",
+                            entry.name,
+                            needed,
+                            existing.info.context_length,
+                        )
+                        await self.unload(entry.name)
+                        overrides["num_ctx"] = needed
+                if busy_model is None:
+                    return await self._start(entry, overrides)
+            log.info("Waiting for %s to be idle to reload it with a context of %d", entry.name, needed)
+            await busy_model.runner.wait_idle()
+
+    async def _start(self, entry: ModelEntry, overrides: dict) -> LoadedModel:
+        """Caller holds the load lock."""
+        await self._make_room()
+        if entry.format == "gguf":
+            plan = self.context_limits(entry).plan(overrides.get("num_ctx"))
+            overrides.update(num_ctx=plan.context, num_parallel=plan.parallel)
+            log.info("Loading %s: context %d x %d sequences (%s)", entry.name, plan.context, plan.parallel, plan.reason)
+        elif self.context_length and not overrides.get("num_ctx") and not entry.modelfile.get("NUM_CTX"):
+            overrides["num_ctx"] = self.context_length  # rkllm: no trained context to read
+        spec = LoadSpec(
+            name=entry.name,
+            path=str(entry.path),
+            format=entry.format,
+            modelfile=dict(entry.modelfile.values),
+            overrides=overrides,
+        )
+        runner = self._runner_factory(spec, self._runner_exited)
+        started = time.monotonic()
+        info = await runner.start()
+        model = LoadedModel(entry=entry, runner=runner, info=info, load_seconds=time.monotonic() - started)
+        self._loaded[entry.name] = model
+        self._current = entry.name
+        log.info("Loaded %s (%s) in %.2fs", entry.name, info.engine, model.load_seconds)
+        return model
 
     async def _make_room(self) -> None:
         while len(self._loaded) >= self.max_loaded_models:
@@ -159,8 +214,18 @@ class Scheduler:
     async def generate(self, model: LoadedModel, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
         model.last_used = time.monotonic()
         try:
-            async for event in model.runner.generate(request):
-                yield event
+            async with contextlib.aclosing(model.runner.generate(request)) as events:
+                async for event in events:
+                    if isinstance(event, DoneEvent) and event.usage.truncated:
+                        log.warning(
+                            "Prompt for %s trimmed to fit the context: %d oldest messages dropped, %d tokens cut; "
+                            "%d tokens remain",
+                            model.name,
+                            event.usage.dropped_messages,
+                            event.usage.truncated_tokens,
+                            event.usage.prompt_tokens,
+                        )
+                    yield event
         finally:
             model.last_used = time.monotonic()
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .context_size import default_kv_budget, parse_size
 from .errors import RkllamaError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -71,6 +72,14 @@ class Settings:
     # Model to load at start instead of the built-in default.
     model: str | None = field(default_factory=lambda: _env("MODEL") or None)
     max_loaded_models: int = field(default_factory=lambda: int(_env("MAX_LOADED_MODELS", "1") or 1))
+    # Context length for models whose Modelfile sets no NUM_CTX; None: the trained context
+    # (within the KV cache budget). See context_size.py.
+    context_length: int | None = field(default_factory=lambda: int(_env("CONTEXT_LENGTH") or 0) or None)
+    # Bytes the KV cache of one model may take by default ("4GiB", "512M", MiB); None: a quarter of memory.
+    kv_cache_budget: str | None = field(default_factory=lambda: _env("KV_CACHE_BUDGET") or None)
+
+    def kv_budget_bytes(self) -> int:
+        return parse_size(self.kv_cache_budget) if self.kv_cache_budget else default_kv_budget()
 
     @classmethod
     def names(cls) -> list[str]:

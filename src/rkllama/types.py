@@ -59,6 +59,11 @@ class GenerateRequest:
     # Name of a tool the model must call ("required" = any of them).
     tool_choice: str | None = None
     enable_thinking: bool | None = None
+    # The context this request may use (its num_ctx); None: the loaded model's whole context.
+    num_ctx: int | None = None
+    # Fit a prompt longer than the context by dropping the oldest messages, then cutting the
+    # front (Ollama's default); False: refuse it with a 400 instead.
+    truncate: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +93,20 @@ class Usage:
     # Milliseconds spent evaluating the prompt and generating the reply.
     prompt_ms: float = 0.0
     generate_ms: float = 0.0
+    # Prompt tokens whose KV was reused from an earlier request (not evaluated again).
+    cached_tokens: int = 0
+    # How the prompt was fitted into the context: messages dropped, then tokens cut.
+    dropped_messages: int = 0
+    truncated_tokens: int = 0
+
+    @property
+    def evaluated_tokens(self) -> int:
+        """Prompt tokens evaluated by this request (Ollama's prompt_eval_count)."""
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.dropped_messages or self.truncated_tokens)
 
     @property
     def total_tokens(self) -> int:

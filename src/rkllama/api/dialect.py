@@ -24,6 +24,7 @@ from ..errors import BadRequest
 from ..scheduler import LoadedModel
 from ..store.names import resolve_model
 from ..toolcalls import ToolCall, may_become_tool_call, parse_tool_calls
+from ..types import Usage
 from .common import AppState, json_object
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -72,21 +73,27 @@ class Target:
 async def load_target(state: AppState, requested: object, num_ctx: int | None = None) -> Target:
     """Resolve the requested name and make sure that model is loaded.
 
-    A `num_ctx` that differs from the loaded model's context reloads it (unless it is
-    busy answering, when the request uses it as it is)."""
+    A `num_ctx` (bounded by the model's trained context) larger than the loaded context
+    reloads the model once its requests in flight are done; a smaller one runs in the loaded
+    context, the request trimmed to its own num_ctx (see docs/ollama.md)."""
     started = time.perf_counter()
-    if num_ctx is not None and num_ctx < 1:
-        raise BadRequest(f"'num_ctx' must be a positive number of tokens, got {num_ctx}.")
     entry = resolve_model(state.store, requested)
     scheduler = state.scheduler
+    if num_ctx is not None:
+        scheduler.context_limits(entry).check_request(num_ctx)
     loaded = scheduler.get_loaded(entry.name)
-    if loaded is not None and num_ctx and loaded.info.context_length != num_ctx and not loaded.busy:
-        await scheduler.unload(entry.name)
-        loaded = None
-    overrides = {"num_ctx": num_ctx} if num_ctx else None
-    model = await scheduler.load(entry.name, overrides)
+    model = await scheduler.load(entry.name, {"num_ctx": num_ctx} if num_ctx else None)
     fresh = loaded is None or model is not loaded
     return Target(model=model, name=entry.name, load_seconds=model.load_seconds if fresh else 0.0, started=started)
+
+
+def truncation(usage: Usage) -> dict[str, Any]:
+    """The fields a final response carries when the prompt was trimmed to fit (docs/ollama.md)."""
+    return {
+        "truncated": True,
+        "truncated_messages": usage.dropped_messages,
+        "truncated_tokens": usage.truncated_tokens,
+    }
 
 
 Event = TypeVar("Event")

@@ -19,6 +19,7 @@ from ..scheduler import LoadedModel
 from ..store.pulls import is_being_pulled
 from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
 from .common import AppState, app_state, json_object, optional, optional_stop
+from .dialect import truncation
 
 router = APIRouter()
 
@@ -110,7 +111,9 @@ def parse_generate(data: dict[str, Any]) -> tuple[GenerateRequest, bool]:
         seed=optional(data, "seed", int),
         stop=optional_stop(data),
     )
-    return GenerateRequest(messages=messages, prompt=prompt, options=options), bool(stream)
+    truncate = optional(data, "truncate", bool)
+    request = GenerateRequest(messages=messages, prompt=prompt, options=options, truncate=truncate is not False)
+    return request, bool(stream)
 
 
 def _usage(done: DoneEvent | None) -> dict[str, Any]:
@@ -127,13 +130,16 @@ def _usage(done: DoneEvent | None) -> dict[str, Any]:
 
 def _body(created: int, content: str, done: DoneEvent | None) -> dict[str, Any]:
     finish = None if done is None else ("length" if done.finish_reason == "length" else "stop")
-    return {
+    body = {
         "id": "rkllm_chat",
         "object": "rkllm_chat",
         "created": created,
         "choices": [{"role": "assistant", "content": content, "finish_reason": finish}],
         "usage": _usage(done),
     }
+    if done is not None and done.usage.truncated:
+        body.update(truncation(done.usage))
+    return body
 
 
 @router.post("/generate")

@@ -40,6 +40,7 @@ from .dialect import (
     parse_body,
     parse_keep_alive,
     started,
+    truncation,
 )
 from .ollama_wire import (
     ChatBody,
@@ -128,6 +129,8 @@ async def show(request: Request, state: AppState = Depends(app_state)) -> dict[s
         "details": _details(entry),
         "model_info": model_info,
         "capabilities": ["completion", "tools", "embedding"],
+        # Not Ollama's: the context a request without num_ctx gets now (model_info holds the trained one).
+        "context_length": state.scheduler.default_context(entry),
         "modified_at": entry.modified.isoformat(),
     }
 
@@ -256,10 +259,12 @@ def _timings(target: Target, done: DoneEvent | None) -> dict[str, Any]:
         "done_reason": _done_reason(done),
         "total_duration": target.elapsed_ns(),
         "load_duration": int(target.load_seconds * 1e9),
-        "prompt_eval_count": usage.prompt_tokens if usage else 0,
+        # As Ollama counts it: the prompt tokens evaluated, not those reused from the cache.
+        "prompt_eval_count": usage.evaluated_tokens if usage else 0,
         "prompt_eval_duration": int(usage.prompt_ms * 1e6) if usage else 0,
         "eval_count": usage.completion_tokens if usage else 0,
         "eval_duration": int(usage.generate_ms * 1e6) if usage else 0,
+        **(truncation(usage) if usage is not None and usage.truncated else {}),
     }
 
 

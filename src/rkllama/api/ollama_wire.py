@@ -72,6 +72,8 @@ class _GenerateBase(_Wire):
     options: Options | None = None
     keep_alive: float | str | None = None
     think: bool | str | None = None
+    # False: a prompt longer than the context is a 400 instead of being trimmed.
+    truncate: bool = True
 
     @property
     def num_ctx(self) -> int | None:
@@ -82,6 +84,8 @@ class _GenerateBase(_Wire):
             options=self.options.sampling() if self.options else SamplingOptions(),
             response_format=self.format or None,
             enable_thinking=None if self.think is None else bool(self.think),
+            num_ctx=self.num_ctx,
+            truncate=self.truncate,
             **fields,
         )
 

@@ -21,7 +21,7 @@ from ..store.names import openai_id, resolve_model
 from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest, Usage
 from .common import AppState, app_state
-from .dialect import ReplyText, load_target, parse_body, started
+from .dialect import ReplyText, load_target, parse_body, started, truncation
 from .openai_wire import ChatBody, CompletionBody, EmbeddingsBody
 
 router = APIRouter()
@@ -41,9 +41,18 @@ def render_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": error}, status_code=status)
 
 
-def _usage(usage: Usage | None) -> dict[str, int]:
+def _usage(usage: Usage | None) -> dict[str, Any]:
     prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
+    out["total_tokens"] = prompt + completion
+    if usage is not None:
+        # As OpenAI and llama-server report it: prompt tokens reused from the cache.
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return out
+
+
+def _truncation(done: DoneEvent | None) -> dict[str, Any]:
+    return truncation(done.usage) if done is not None and done.usage.truncated else {}
 
 
 def _finish(done: DoneEvent | None, calls: list[ToolCall]) -> str:
@@ -119,7 +128,8 @@ class _Completion:
         else:
             choice = {"index": 0, "text": text}
         choice.update(finish_reason=_finish(done, calls), logprobs=None)
-        return {**self._head(False), "choices": [choice], "usage": _usage(done.usage if done else None)}
+        usage = _usage(done.usage if done else None)
+        return {**self._head(False), "choices": [choice], "usage": usage, **_truncation(done)}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         if self.chat:
@@ -143,7 +153,7 @@ class _Completion:
                     yield self._chunk({"content": text})
                 if calls:
                     yield self._chunk({"tool_calls": _tool_calls(calls, with_index=True)})
-                yield self._chunk({}, _finish(event, calls))
+                yield {**self._chunk({}, _finish(event, calls)), **_truncation(event)}
                 if self.body.include_usage:
                     yield {**self._head(True), "choices": [], "usage": _usage(event.usage)}
         except RkllamaError as exc:

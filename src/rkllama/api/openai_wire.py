@@ -37,6 +37,8 @@ class _Sampling(_Wire):
     top_k: int | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+    # Not OpenAI's: False refuses a prompt longer than the context instead of trimming it.
+    truncate: bool = True
 
     def _options(self, max_tokens: int | None) -> SamplingOptions:
         if self.n is not None and self.n != 1:
@@ -167,6 +169,7 @@ class ChatBody(_Sampling):
             response_format=self._format(),
             tools=tools,
             tool_choice=None if choice == "none" else choice,
+            truncate=self.truncate,
         )
 
 
@@ -186,7 +189,8 @@ class CompletionBody(_Sampling):
                 raise BadRequest("'prompt' must be one string: batches are not supported.")
             prompt = prompt[0]
         # OpenAI's default for completions is 16 tokens.
-        return GenerateRequest(prompt=prompt, options=self._options(16 if self.max_tokens is None else self.max_tokens))
+        options = self._options(16 if self.max_tokens is None else self.max_tokens)
+        return GenerateRequest(prompt=prompt, options=options, truncate=self.truncate)
 
 
 class EmbeddingsBody(_Wire):

@@ -53,6 +53,8 @@ class RunnerProcess:
         self._ids = itertools.count(1)
         self._closing = False
         self.pending = 0  # requests queued or running, for `ps` and scheduling
+        self._idle = asyncio.Event()  # set while pending == 0
+        self._idle.set()
 
     @property
     def alive(self) -> bool:
@@ -157,6 +159,7 @@ class RunnerProcess:
     async def _slot(self) -> AsyncIterator[tuple[int, asyncio.Queue[dict[str, Any] | RunnerError]]]:
         """A permit to run one request, its id and the queue its messages arrive in."""
         self.pending += 1
+        self._idle.clear()
         try:
             async with self._permits:
                 if self._dead is not None:
@@ -170,6 +173,12 @@ class RunnerProcess:
                     del self._inboxes[request_id]
         finally:
             self.pending -= 1
+            if self.pending == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is queued or running (at once when none is)."""
+        await self._idle.wait()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
         """Stream a completion. Closing the iterator early cancels the request in the runner."""

@@ -62,7 +62,6 @@ def install_default_model(store: ModelStore) -> str | None:
                 "HUGGINGFACE_PATH": "HuggingFaceTB/SmolLM2-135M-Instruct",
                 "SYSTEM": "",
                 "TEMPERATURE": "0.7",
-                "NUM_CTX": "4096",
                 "MAX_NEW_TOKENS": "512",
             }
         )

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import llama_cpp
@@ -27,6 +28,7 @@ from llama_cpp.llama_grammar import JSON_GBNF
 
 from ...chat_template import render_chat
 from ...types import (
+    ChatMessage,
     DoneEvent,
     EmbedRequest,
     EmbedResult,
@@ -38,7 +40,8 @@ from ...types import (
 )
 from .base import EngineError, EngineRuntimeError, LoadSpec
 from .cpu_threads import THREADS_ENV, default_threads
-from .llamacpp_batch import BatchDecoder, Finished, Job
+from .llamacpp_batch import BatchDecoder, Finished, Job, common_prefix
+from .prompt_fit import FittedPrompt, cut_front, fit_chat, reply_room
 from .textstream import TextAssembler
 
 BUILTIN_DEFAULTS = SamplingOptions(
@@ -199,26 +202,50 @@ class LlamaCppEngine:
         return Modelfile(self.spec.modelfile).sampling_defaults().merged_over(BUILTIN_DEFAULTS)
 
     # --- prompts --------------------------------------------------------------------
-    def _prompt_tokens(self, request: GenerateRequest) -> list[int]:
-        if request.messages is not None:
-            messages = list(request.messages)
-            system = self.spec.modelfile.get("SYSTEM")
-            if system and not any(m.role == "system" for m in messages):
-                from ...types import ChatMessage
+    def _messages(self, request: GenerateRequest) -> list[ChatMessage]:
+        messages = list(request.messages or [])
+        system = self.spec.modelfile.get("SYSTEM")
+        if system and not any(m.role == "system" for m in messages):
+            messages.insert(0, ChatMessage(role="system", content=system))
+        return messages
 
-                messages.insert(0, ChatMessage(role="system", content=system))
-            text = render_chat(
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        add_bos = not (self._bos and text.startswith(self._bos))
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def _fit_prompt(self, request: GenerateRequest, context: int, reserve: int) -> FittedPrompt:
+        """The prompt's tokens, fitted into `context` with `reserve` tokens left for the reply."""
+        if request.messages is None:
+            tokens = self._tokenize_prompt(request.prompt or "")
+            return cut_front(tokens, context, reserve, truncate=request.truncate, keep=self._keep(tokens))
+
+        def render(messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> str:
+            return render_chat(
                 self.template,
                 messages,
                 bos_token=self._bos,
                 eos_token=self._eos,
-                tools=request.tools,
+                tools=tools,
                 enable_thinking=request.enable_thinking,
             )
-        else:
-            text = request.prompt or ""
-        add_bos = not (self._bos and text.startswith(self._bos))
-        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+        messages = self._messages(request)
+        first = self._tokenize_prompt(self._bos)[:1] if self._bos else []
+        return fit_chat(
+            messages,
+            render,
+            self._tokenize_prompt,
+            context=context,
+            reserve=reserve,
+            truncate=request.truncate,
+            tools=request.tools,
+            keep=len(first),
+        )
+
+    def _keep(self, tokens: list[int]) -> int:
+        """Tokens a cut keeps at the front: the BOS token, when the prompt starts with one."""
+        bos = self.model.token_bos()
+        return 1 if tokens and bos >= 0 and tokens[0] == bos else 0
 
     def _grammar(self, request: GenerateRequest) -> LlamaGrammar | None:
         try:
@@ -240,29 +267,41 @@ class LlamaCppEngine:
         options = request.options.merged_over(self.defaults)
         grammar = self._grammar(request)
         started = time.perf_counter()
-        tokens = self._prompt_tokens(request)
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            raise EngineError(
-                f"The prompt is {len(tokens)} tokens, more than the model's context of "
-                f"{self.n_ctx}. Shorten it or load the model with a larger num_ctx."
-            )
+        # A request's num_ctx smaller than the loaded context limits it (no reload needed).
+        context = min(self.n_ctx, request.num_ctx or self.n_ctx)
+        reserve = reply_room(context, options.max_tokens)
+        fitted = self._fit_prompt(request, context, reserve)
+        tokens = fitted.tokens
+        usage = Usage(
+            prompt_tokens=len(tokens),
+            dropped_messages=fitted.dropped_messages,
+            truncated_tokens=fitted.truncated_tokens,
+        )
+        room = context - len(tokens)
         limit = room if options.max_tokens is None or options.max_tokens < 0 else min(options.max_tokens, room)
         seed = options.seed if options.seed is not None else random.randint(0, 2**31 - 1)
         if limit == 0:
             source: Generator[int, None, str] = _no_tokens()
         elif self._decoder is not None:
             job = Job(prompt=tokens, sampler=self._sampler(options, grammar, seed), limit=limit, cancel=cancel)
-            source = self._batched_tokens(job)
+            source = self._batched_tokens(job, usage)
         else:
-            source = self._sequential_tokens(tokens, options, grammar, seed, limit)
-        yield from _text_events(source, self.model.detokenize, options.stop, cancel, len(tokens), started)
+            source = self._sequential_tokens(tokens, options, grammar, seed, limit, usage)
+        yield from _text_events(source, self.model.detokenize, options.stop, cancel, usage, started)
 
     def _sequential_tokens(
-        self, tokens: list[int], options: SamplingOptions, grammar: LlamaGrammar | None, seed: int, limit: int
+        self,
+        tokens: list[int],
+        options: SamplingOptions,
+        grammar: LlamaGrammar | None,
+        seed: int,
+        limit: int,
+        usage: Usage,
     ) -> Generator[int, None, str]:
         """One request at a time through `Llama.generate` (which reuses the cached prefix)."""
         assert self.llm is not None
+        # What Llama.generate will reuse: the longest common prefix, less one token to evaluate.
+        usage.cached_tokens = min(common_prefix(list(self.llm._input_ids), tokens), len(tokens) - 1)
         self.llm.set_seed(seed)
         generated = 0
         for token in self.llm.generate(
@@ -284,13 +323,14 @@ class LlamaCppEngine:
                 return "length"
         return "length"
 
-    def _batched_tokens(self, job: Job) -> Generator[int, None, str]:
+    def _batched_tokens(self, job: Job, usage: Usage) -> Generator[int, None, str]:
         """Hand the sequence to the decode thread and pass on the tokens it samples."""
         assert self._decoder is not None
         try:
             self._decoder.submit(job)
             while True:
                 item = job.out.get()
+                usage.cached_tokens = job.cached
                 if isinstance(item, Exception):
                     raise EngineRuntimeError(f"llama.cpp failed while generating: {item}")
                 if isinstance(item, Finished):
@@ -372,11 +412,12 @@ def _text_events(
     detokenize: Callable[[list[int]], bytes],
     stop: list[str] | None,
     cancel: threading.Event,
-    prompt_tokens: int,
+    usage: Usage,
     started: float,
 ) -> Iterator[TokenEvent | DoneEvent]:
     """Turn sampled tokens into text events, whichever path sampled them. The source
-    returns its finish reason; a cancel or a stop string ends it early."""
+    returns its finish reason (and fills in `usage.cached_tokens`); a cancel or a stop string
+    ends it early."""
     assembler = TextAssembler(stop)
     generated = 0
     first_token_at: float | None = None
@@ -402,13 +443,13 @@ def _text_events(
                 break
     finally:
         source.close()
-    yield from _finish(assembler, finish, prompt_tokens, generated, started, first_token_at)
+    yield from _finish(assembler, finish, usage, generated, started, first_token_at)
 
 
 def _finish(
     assembler: TextAssembler,
     finish: str,
-    prompt_tokens: int,
+    usage: Usage,
     generated: int,
     started: float,
     first_token_at: float | None,
@@ -419,8 +460,8 @@ def _finish(
         yield TokenEvent(tail)
     ended = time.perf_counter()
     first_token_at = first_token_at or ended
-    usage = Usage(
-        prompt_tokens=prompt_tokens,
+    usage = replace(
+        usage,
         completion_tokens=generated,
         prompt_ms=(first_token_at - started) * 1000,
         generate_ms=(ended - first_token_at) * 1000,

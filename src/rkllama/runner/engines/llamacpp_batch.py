@@ -9,8 +9,9 @@ Each step decodes one token of every generating sequence in one batch, then at m
 prompt chunk of n_batch tokens, so a long prompt never stalls the others for more than a chunk.
 
 Each slot remembers the tokens in its part of the cache; a new request takes the free slot
-sharing the longest prefix with its prompt and evaluates only the rest, so multi-turn chats
-do not re-read their history.
+where it gains the most and destroys the least (see `slot_score`) and evaluates only what is
+not cached, so multi-turn chats do not re-read their history, also when short side tasks
+(titles, tags) arrive beside them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Job:
     abandoned: threading.Event = field(default_factory=threading.Event)
     pending: list[int] = field(default_factory=list)  # tokens to evaluate next
     n_past: int = 0  # tokens of this sequence already in the cache
+    cached: int = 0  # prompt tokens reused from the slot's cache (set when a slot is assigned)
     generated: int = 0
     prompt_done: bool = False
 
@@ -56,15 +58,26 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     job: Job | None = None
+    last_used: int = 0  # when it last got a job, in assignments
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
     return n
+
+
+def slot_score(cached: list[int], prompt: list[int]) -> int:
+    """How good a free slot is for a prompt: the cached tokens it reuses, less those it throws
+    away. A follow-up turn goes to its conversation's slot; a short side task (a title, tags)
+    takes an empty slot or the one holding the least, so a long conversation's cache survives
+    it (llama-server picks by prefix similarity, else the least recently used slot; that would
+    evict the conversation whenever it is the least recently used). Ties: least recently used."""
+    reused = common_prefix(cached, prompt)
+    return reused - (len(cached) - reused)
 
 
 class BatchDecoder:
@@ -93,6 +106,7 @@ class BatchDecoder:
         self._ctx = LlamaContext(model=model, params=params, verbose=False)
         self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
+        self._assignments = 0
         self._waiting: list[Job] = []
         self._lock = threading.Condition()
         self._closed = False
@@ -142,7 +156,7 @@ class BatchDecoder:
         return [(slot, slot.job) for slot in self._slots if slot.job is not None]
 
     def _assign_waiting(self) -> None:
-        """Caller holds the lock. Give waiting jobs free slots, best prefix match first."""
+        """Caller holds the lock. Give waiting jobs, in arrival order, the free slot that suits each best."""
         for job in [j for j in self._waiting if j.cancel.is_set()]:
             self._waiting.remove(job)
             job.out.put(Finished(CANCELLED))
@@ -151,9 +165,8 @@ class BatchDecoder:
             if not free:
                 return
             job = self._waiting.pop(0)
-            # Longest shared prefix; else the lowest id, which keeps active ids consecutive.
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.seq_id))
-            reuse = _common_prefix(slot.cached, job.prompt)
+            slot = max(free, key=lambda s: (slot_score(s.cached, job.prompt), -s.last_used, -s.seq_id))
+            reuse = common_prefix(slot.cached, job.prompt)
             if reuse == len(job.prompt):
                 reuse -= 1  # evaluate at least one token to get fresh logits
             mem = self._ctx.memory
@@ -162,7 +175,9 @@ class BatchDecoder:
             if reuse == 0:
                 llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
             slot.cached = job.prompt[:reuse]
-            job.n_past = reuse
+            self._assignments += 1
+            slot.last_used = self._assignments
+            job.cached = job.n_past = reuse
             job.pending = job.prompt[reuse:]
             slot.job = job
 

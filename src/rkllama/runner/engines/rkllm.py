@@ -39,6 +39,7 @@ from ...types import (
     Usage,
 )
 from .base import EngineError, EngineRuntimeError, LoadSpec
+from .prompt_fit import FittedPrompt, cut_front, fit_chat, reply_room
 from .rkllm_abi import (
     RKLLM_INFER_GENERATE,
     RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
@@ -75,6 +76,7 @@ class _PreparedInput:
     prompt_tokens: int | None  # known for token input
     messages: list[ChatMessage] | None  # the conversation, when the runtime keeps it
     buffers: list[Any] = field(default_factory=list)
+    fitted: FittedPrompt | None = None  # how the prompt was fitted (token input only)
 
 
 @dataclass
@@ -221,23 +223,15 @@ class RkllmEngine:
             rk_input.role = b"user"
             rk_input.enable_thinking = bool(thinking)
         if self.tokenizer is not None:
-            if request.messages is not None:
-                text = self.tokenizer.render(self._messages(request), request.tools, thinking)
-            else:
-                text = request.prompt or ""
-            tokens = self.tokenizer.encode(text)
+            fitted = self._fit_prompt(request, thinking)
+            tokens = fitted.tokens
             if not tokens:
                 raise EngineError("The prompt is empty.")
-            if len(tokens) >= self.settings.max_context_len:
-                raise EngineError(
-                    f"The prompt is {len(tokens)} tokens, more than the model's context of "
-                    f"{self.settings.max_context_len}. Shorten it or set a larger NUM_CTX."
-                )
             array = (ctypes.c_int32 * len(tokens))(*tokens)
             rk_input.input_type = RKLLM_INPUT_TOKEN
             rk_input.token_input.input_ids = array
             rk_input.token_input.n_tokens = len(tokens)
-            return _PreparedInput(rk_input, False, self._cache_dirty, len(tokens), None, [array])
+            return _PreparedInput(rk_input, False, self._cache_dirty, len(tokens), None, [array], fitted)
 
         if request.messages is None:
             prepared = _PreparedInput(rk_input, False, self._cache_dirty, None, None)
@@ -263,6 +257,27 @@ class RkllmEngine:
         rk_input.prompt_input = ctypes.cast(encoded, ctypes.c_char_p)
         prepared.buffers.append(encoded)
         return prepared
+
+    def _fit_prompt(self, request: GenerateRequest, thinking: bool | None) -> FittedPrompt:
+        """The same fitting as llama.cpp's (prompt_fit.py): possible only with the tokenizer files.
+        Without them the runtime's own template sees the text, and a prompt too long is its error."""
+        assert self.tokenizer is not None
+        tokenizer = self.tokenizer
+        context = min(self.settings.max_context_len, request.num_ctx or self.settings.max_context_len)
+        reserve = reply_room(context, request.options.max_tokens)
+        if request.messages is None:
+            tokens = tokenizer.encode(request.prompt or "")
+            return cut_front(tokens, context, reserve, truncate=request.truncate, keep=0)
+        return fit_chat(
+            self._messages(request),
+            lambda messages, tools: tokenizer.render(messages, tools, thinking),
+            tokenizer.encode,
+            context=context,
+            reserve=reserve,
+            truncate=request.truncate,
+            tools=request.tools,
+            keep=0,
+        )
 
     def _set_function_tools(self, messages: list[ChatMessage], tools: str | None) -> list[ChatMessage]:
         """Give the runtime's template the tools (1.2.1+), with the system prompt they go with;
@@ -414,6 +429,8 @@ class RkllmEngine:
         return "length" if outcome.completion_tokens >= limit else "stop"
 
     def _usage(self, prepared: _PreparedInput, outcome: _RunOutcome, started: float) -> Usage:
+        fitted = prepared.fitted or FittedPrompt([])
+        trimmed = {"dropped_messages": fitted.dropped_messages, "truncated_tokens": fitted.truncated_tokens}
         if outcome.perf is not None:
             prefill_ms, prefill_tokens, generate_ms, _ = outcome.perf
             # Completion tokens are those the client got: the runtime may run on after an abort.
@@ -422,6 +439,7 @@ class RkllmEngine:
                 completion_tokens=outcome.completion_tokens,
                 prompt_ms=prefill_ms,
                 generate_ms=generate_ms,
+                **trimmed,
             )
         ended = time.perf_counter()
         first = outcome.first_token_at or ended
@@ -430,6 +448,7 @@ class RkllmEngine:
             completion_tokens=outcome.completion_tokens,
             prompt_ms=(first - started) * 1000,
             generate_ms=(ended - first) * 1000,
+            **trimmed,
         )
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
