@@ -132,8 +132,11 @@ class Scheduler:
         """Caller holds the load lock."""
         await self._make_room()
         if entry.format == "gguf":
-            plan = self.context_limits(entry).plan(overrides.get("num_ctx"))
-            overrides.update(num_ctx=plan.context, num_parallel=plan.parallel)
+            limits = self.context_limits(entry)
+            plan = limits.plan(overrides.get("num_ctx"))
+            overrides["num_ctx"] = plan.context
+            if plan.parallel < limits.parallel:  # else the engine reads (and checks) NUM_PARALLEL itself
+                overrides["num_parallel"] = plan.parallel
             log.info("Loading %s: context %d x %d sequences (%s)", entry.name, plan.context, plan.parallel, plan.reason)
         elif self.context_length and not overrides.get("num_ctx") and not entry.modelfile.get("NUM_CTX"):
             overrides["num_ctx"] = self.context_length  # rkllm: no trained context to read
