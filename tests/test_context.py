@@ -73,7 +73,6 @@ def test_an_open_webui_chat_with_36_tools_answers_with_default_settings(client: 
     reply = client.chat(model=MODEL, messages=question, tools=TOOLS, options={"num_predict": 8, **GREEDY})
     assert reply.done and reply.message.role == "assistant"
     assert reply.prompt_eval_count and reply.prompt_eval_count > TOOL_TOKENS_AT_LEAST
-    assert "truncated" not in reply.model_dump()  # it fitted: nothing was dropped
 
 
 @SLOW

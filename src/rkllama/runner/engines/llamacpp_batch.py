@@ -58,7 +58,7 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     job: Job | None = None
-    last_used: int = 0  # when it last got a job, in assignments
+    last_used: int = 0  # when it last started or ended a job, on the decoder's event clock
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -70,14 +70,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def slot_score(cached: list[int], prompt: list[int]) -> int:
-    """How good a free slot is for a prompt: the cached tokens it reuses, less those it throws
-    away. A follow-up turn goes to its conversation's slot; a short side task (a title, tags)
-    takes an empty slot or the one holding the least, so a long conversation's cache survives
-    it (llama-server picks by prefix similarity, else the least recently used slot; that would
-    evict the conversation whenever it is the least recently used). Ties: least recently used."""
+def slot_score(cached: list[int], prompt: list[int], age: int) -> tuple[int, float]:
+    """How good a free slot is for a prompt (higher is better); `age` counts the slot events
+    (jobs started or ended) since the slot was last used.
+
+    A slot whose cache the prompt mostly continues (it reuses more tokens than it throws away:
+    a follow-up turn) wins, the most reused first. Otherwise the prompt takes the slot whose
+    cache is worth least: empty first, then the fewest tokens thrown away per unit of age. So
+    a short side task (a title, tags, follow-up suggestions) takes an empty or short slot and a
+    long conversation's cache survives it, while of two long caches the staler one goes.
+    (llama-server takes the best prefix match above a similarity, else the least recently used
+    slot, which evicts a conversation whenever side tasks ended after it.)"""
     reused = common_prefix(cached, prompt)
-    return reused - (len(cached) - reused)
+    thrown = len(cached) - reused
+    if reused > thrown:
+        return (1, float(reused))
+    return (0, -thrown / (1 + age))
 
 
 class BatchDecoder:
@@ -106,7 +114,7 @@ class BatchDecoder:
         self._ctx = LlamaContext(model=model, params=params, verbose=False)
         self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
-        self._assignments = 0
+        self._clock = 0  # counts jobs started and ended, to age slot caches
         self._waiting: list[Job] = []
         self._lock = threading.Condition()
         self._closed = False
@@ -165,7 +173,7 @@ class BatchDecoder:
             if not free:
                 return
             job = self._waiting.pop(0)
-            slot = max(free, key=lambda s: (slot_score(s.cached, job.prompt), -s.last_used, -s.seq_id))
+            slot = max(free, key=lambda s: (slot_score(s.cached, job.prompt, self._clock - s.last_used), -s.seq_id))
             reuse = common_prefix(slot.cached, job.prompt)
             if reuse == len(job.prompt):
                 reuse -= 1  # evaluate at least one token to get fresh logits
@@ -175,8 +183,7 @@ class BatchDecoder:
             if reuse == 0:
                 llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
             slot.cached = job.prompt[:reuse]
-            self._assignments += 1
-            slot.last_used = self._assignments
+            self._touch(slot)
             job.cached = job.n_past = reuse
             job.pending = job.prompt[reuse:]
             slot.job = job
@@ -192,6 +199,11 @@ class BatchDecoder:
         assert slot.job is not None
         slot.job.out.put(message)
         slot.job = None
+        self._touch(slot)
+
+    def _touch(self, slot: Slot) -> None:
+        self._clock += 1
+        slot.last_used = self._clock
 
     def _step(self, jobs: list[tuple[Slot, Job]]) -> None:
         """One token for every generating sequence, then one prompt chunk, each one decode."""
