@@ -4,15 +4,18 @@ follow-up-suggestion tasks, then unloading the model with `keep_alive: 0`. Every
 well-formed 200, and the follow-up turn must reuse its cached prefix.
 
 The sequence comes from the newest tests/fixtures/open_webui_<version>_requests.json, captured
-from the real Open WebUI by e2e/open_webui (requests whose time intervals overlap there are sent
-at once here). Without such a file, the same sequence is built from tools_36.json as described
-in the issue. Replies are capped at a few tokens (num_predict) so the test takes minutes, not hours,
-on a small machine; nothing else of the requests is changed.
+from the real Open WebUI by e2e/open_webui. Each request is sent once every request that had
+ended before it started in the capture has ended here, so what overlapped there overlaps here
+and what followed an answer still follows it. Without such a file, the same sequence is built
+from tools_36.json as described in the issue. Replies are capped at a few tokens (num_predict,
+max_tokens) so the test takes minutes, not hours, on a small machine; nothing else of the
+requests is changed.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,18 +73,13 @@ def load_sequence() -> dict[str, Any]:
     return json.loads(captured[-1].read_text()) if captured else synthetic_sequence()
 
 
-def waves(requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Requests grouped by overlapping [start, end] intervals, in arrival order."""
-    groups: list[list[dict[str, Any]]] = []
-    end = float("-inf")
-    for request in sorted(requests, key=lambda r: (r["t_start_ms"], r["seq"])):
-        if groups and request["t_start_ms"] < end:
-            groups[-1].append(request)
-        else:
-            groups.append([request])
-            end = float("-inf")
-        end = max(end, request.get("t_end_ms") or request["t_start_ms"])
-    return groups
+def predecessors(request: dict[str, Any], requests: list[dict[str, Any]]) -> list[int]:
+    """The requests that had ended before this one started, in the capture."""
+    return [
+        other["seq"]
+        for other in requests
+        if other["t_end_ms"] is not None and other["t_end_ms"] <= request["t_start_ms"] and other is not request
+    ]
 
 
 def capped(path: str, body: Any) -> Any:
@@ -136,11 +134,19 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RkllamaServer]:
 
 @pytest.fixture(scope="module")
 def replayed(srv: RkllamaServer) -> list[dict[str, Any]]:
-    results = []
-    with srv.client(timeout=3000) as http, ThreadPoolExecutor(8) as pool:
-        for wave in waves(load_sequence()["requests"]):
-            results.extend(pool.map(lambda r: send(http, r), wave))
-    return results
+    requests = sorted(load_sequence()["requests"], key=lambda r: (r["t_start_ms"], r["seq"]))
+    ended = {r["seq"]: threading.Event() for r in requests}
+
+    def replay(request: dict[str, Any]) -> dict[str, Any]:
+        for seq in predecessors(request, requests):
+            assert ended[seq].wait(3000), f"request {seq} never ended"
+        try:
+            return send(http, request)
+        finally:
+            ended[request["seq"]].set()
+
+    with srv.client(timeout=3000) as http, ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(replay, requests))
 
 
 def is_chat_turn(request: dict[str, Any]) -> bool:
@@ -170,12 +176,17 @@ def test_the_tool_laden_chat_turns_are_answered_in_the_default_context(replayed:
 
 
 def test_the_follow_up_turn_reuses_its_cached_prefix(replayed: list[dict[str, Any]]) -> None:
-    turns = [r for r in replayed if is_chat_turn(r["request"])]
+    turns = [r for r in replayed if is_chat_turn(r["request"]) and r["request"]["path"] == "/api/chat"]
     first, follow_ups = turns[0], [r for r in turns[1:] if len(r["request"]["body"]["messages"]) > 1]
     assert follow_ups
     for follow_up in follow_ups:
         # Its prompt is longer than the first turn's, yet only the new messages were evaluated.
         assert follow_up["final"]["prompt_eval_count"] * 4 < first["final"]["prompt_eval_count"]
+    # Through the OpenAI connection, where the reply carries a usage: most of the prompt was cached.
+    for result in replayed:
+        usage = result["final"].get("usage") if isinstance(result["final"], dict) else None
+        if is_chat_turn(result["request"]) and usage and len(result["request"]["body"]["messages"]) > 1:
+            assert usage["prompt_tokens_details"]["cached_tokens"] * 4 > usage["prompt_tokens"] * 3
 
 
 def test_keep_alive_0_unloads_the_model(replayed: list[dict[str, Any]]) -> None:
@@ -186,5 +197,8 @@ def test_keep_alive_0_unloads_the_model(replayed: list[dict[str, Any]]) -> None:
     ]
     assert unloads
     assert replayed[unloads[-1]]["final"]["done_reason"] == "unload"
-    later_ps = [r for r in replayed[unloads[-1] :] if r["request"]["path"] == "/api/ps"]
-    assert all(r["final"]["models"] == [] for r in later_ps)
+    # /api/ps after the unload, until the next request that loads the model again.
+    later = replayed[unloads[-1] + 1 :]
+    until = next((i for i, r in enumerate(later) if r["request"]["method"] == "POST"), len(later))
+    later_ps = [r for r in later[:until] if r["request"]["path"] == "/api/ps"]
+    assert later_ps and all(r["final"]["models"] == [] for r in later_ps)
