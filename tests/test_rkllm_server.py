@@ -347,3 +347,26 @@ def test_openai_chat_tool_calls_and_embeddings_on_an_rkllm_model(rkllm_server):
     assert len(vectors[0].embedding) == 8  # the double's hidden size
     assert vectors[0].embedding == vectors[1].embedding != vectors[2].embedding
     assert abs(sum(v * v for v in vectors[0].embedding) - 1.0) < 1e-6
+
+
+def test_with_tokenizer_files_a_long_history_drops_the_oldest_messages(rkllm_server, tmp_path):
+    """The rkllm engine fits prompts as llama.cpp does (prompt_fit.py) when it can count tokens."""
+    folder = tmp_path / "models" / "chat-rk"
+    folder.mkdir(parents=True)
+    (folder / "chat-rk.rkllm").write_bytes(b"model")
+    (folder / "Modelfile").write_text('FROM="chat-rk.rkllm"\nSYSTEM="be brief"\nNUM_CTX=32\n')
+    _word_tokenizer(folder)
+    srv, _log = rkllm_server(models=(), load="chat-rk")
+    turn = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hello"}]
+    history = turn * 6  # 54 tokens with the system message
+    with srv.client() as client:
+        answer = generate(client, [*history, {"role": "user", "content": "world"}])
+        body = answer.json()
+        assert answer.status_code == 200 and body["truncated"] is True and body["truncated_messages"] >= 8
+        assert body["usage"]["prompt_tokens"] <= 32 - 8  # a quarter of the context is left for the reply
+        # The double echoes the token ids: the system message is kept, then the newest turns.
+        ids = [int(t) for t in content(answer).split()]
+        assert len(ids) == body["usage"]["prompt_tokens"]
+        assert ids[:5] == [1, 3, 6, 7, 2] and ids[-6:] == [1, 4, 9, 2, 1, 5]
+        refused = generate(client, [*history, {"role": "user", "content": "world"}], truncate=False)
+        assert refused.status_code == 400 and "truncate is false" in refused.json()["error"]
