@@ -96,7 +96,7 @@ def build_app(upstream: str, log_path: Path) -> Starlette:
             write({"event": "end", "seq": seq, "t_ms": now_ms(), "status": None, "outcome": type(exc).__name__})
             raise
         first_byte = now_ms()
-        kept = bytearray()
+        head, tail = bytearray(), bytearray()  # a stream's last line carries the usage / done record
         total = {"bytes": 0}
 
         async def relay() -> AsyncIterator[bytes]:
@@ -104,12 +104,10 @@ def build_app(upstream: str, log_path: Path) -> Starlette:
             try:
                 async for chunk in response.aiter_raw():
                     total["bytes"] += len(chunk)
-                    if len(kept) < RESPONSE_KEEP:
-                        kept.extend(chunk[: RESPONSE_KEEP - len(kept)])
-                    else:
-                        # keep the tail too: a stream's last line carries the usage / done record
-                        tail = (bytes(kept[RESPONSE_KEEP // 2 :]) + chunk)[-(RESPONSE_KEEP // 2) :]
-                        kept[RESPONSE_KEEP // 2 :] = tail
+                    room = max(0, RESPONSE_KEEP // 2 - len(head))
+                    head.extend(chunk[:room])
+                    tail.extend(chunk[room:])
+                    del tail[: max(0, len(tail) - RESPONSE_KEEP // 2)]
                     yield chunk
                 outcome = "complete"
             finally:
@@ -126,7 +124,9 @@ def build_app(upstream: str, log_path: Path) -> Starlette:
                             "outcome": outcome,
                             "response_content_type": response.headers.get("content-type", ""),
                             "response_bytes": total["bytes"],
-                            "response_excerpt": kept.decode(errors="replace"),
+                            "response_excerpt": (
+                                head + (b" ... " if total["bytes"] > len(head) + len(tail) else b"") + tail
+                            ).decode(errors="replace"),
                         }
                     )
 
