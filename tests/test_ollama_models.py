@@ -136,6 +136,7 @@ def test_keep_alive(client: ollama.Client) -> None:
 
 
 def test_num_ctx_reloads_the_model(client: ollama.Client) -> None:
+    client.generate(model=DEFAULT, prompt="", keep_alive=0)  # a request loading it sets its context
     client.generate(model=DEFAULT, prompt="Hi", options={**SHORT, "num_ctx": 1024})
     assert client.ps().models[0].context_length == 1024
     client.generate(model=DEFAULT, prompt="Hi", options=SHORT)  # no num_ctx: kept as loaded
