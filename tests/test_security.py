@@ -152,16 +152,38 @@ def test_key_from_a_file_works_and_stays_out_of_the_command_line(start_server, t
     assert refused.returncode == 1 and "API key" in refused.stderr
 
 
-@pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
-def test_an_unreadable_key_file_stops_the_start(tmp_path: Path, content: str | None) -> None:
-    key_file = tmp_path / "key"
-    if content is not None:
-        key_file.write_text(content)
-    command = [sys.executable, "-m", "rkllama", "serve", "--api-key-file", str(key_file), "--models", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    expected = "is empty; write the key in it" if content is not None else "Cannot read the API key file"
-    assert expected in done.stderr and str(key_file) in done.stderr
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"key_file": None}, "Cannot read the API key file"),
+        ({"key_file": ""}, "is empty; write the key in it"),
+        ({"args": ["--max-body-bytes", "0"]}, "--max-body-bytes must be positive, got 0."),
+        ({"env": {"RKLLAMA_MAX_BODY_BYTES": "lots"}}, "RKLLAMA_MAX_BODY_BYTES must be a whole number, got 'lots'."),
+    ],
+    ids=["key-file-missing", "key-file-empty", "body-limit-zero", "body-limit-not-a-number"],
+)
+def test_a_bad_security_setting_stops_the_start(tmp_path: Path, setting: dict, message: str) -> None:
+    args = setting.get("args", [])
+    if "key_file" in setting:
+        key_file = tmp_path / "key"
+        if setting["key_file"] is not None:
+            key_file.write_text(setting["key_file"])
+        args = ["--api-key-file", str(key_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "rkllama",
+        "serve",
+        "--no-default",
+        "--port",
+        "0",
+        "--models",
+        str(tmp_path),
+        *args,
+    ]
+    env = {**os.environ, **setting.get("env", {})}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
 
 
 def test_open_bind_without_a_key_warns(start_server) -> None:
@@ -257,6 +279,9 @@ def test_foreign_origin_cannot_change_state(open_server: RkllamaServer) -> None:
             assert "access-control-allow-origin" not in response.headers
         unload = http.post("/unload_model", headers={"Origin": "http://evil.example"})
         assert unload.status_code == 403
+        # A foreign page's reads are refused too, not only left unreadable by the browser.
+        read = http.get("/api/tags", headers={"Origin": "http://evil.example"})
+        assert read.status_code == 403 and "'http://evil.example' are refused" in read.json()["error"]
         assert http.get("/current_model").json() == {"model_name": DEFAULT_MODEL_NAME}
     assert (decoy / "Modelfile").is_file()
     shutil.rmtree(decoy)

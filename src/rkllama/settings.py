@@ -24,13 +24,23 @@ def _env_bool(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+class SettingsError(RkllamaError):
+    """A setting that cannot be used; the server does not start."""
+
+
+def _env_int(name: str, default: int) -> int:
+    text = (_env(name) or "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"RKLLAMA_{name} must be a whole number, got {text!r}.") from None
+
+
 def comma_list(text: str | None) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']: the form of list settings in flags and the environment."""
     return [item.strip() for item in (text or "").split(",") if item.strip()]
-
-
-class SettingsError(RkllamaError):
-    """A setting that cannot be used; the server does not start."""
 
 
 def read_api_key_file(path: Path) -> str:
@@ -66,9 +76,7 @@ class Settings:
     allowed_hosts: list[str] = field(default_factory=lambda: comma_list(_env("ALLOWED_HOSTS")))
     # Browser origins allowed besides the local ones (like OLLAMA_ORIGINS); "*" for any.
     origins: list[str] = field(default_factory=lambda: comma_list(_env("ORIGINS")))
-    max_body_bytes: int = field(
-        default_factory=lambda: int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)) or DEFAULT_MAX_BODY_BYTES)
-    )
+    max_body_bytes: int = field(default_factory=lambda: _env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
     # Model to load at start instead of the built-in default.
     model: str | None = field(default_factory=lambda: _env("MODEL") or None)
     max_loaded_models: int = field(default_factory=lambda: int(_env("MAX_LOADED_MODELS", "1") or 1))
