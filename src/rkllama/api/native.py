@@ -20,6 +20,7 @@ from ..store.pulls import is_being_pulled
 from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
 from .common import AppState, app_state, json_object, optional, optional_stop
 from .dialect import truncation
+from .schemas import native as docs
 
 router = APIRouter()
 
@@ -35,19 +36,19 @@ class NativeError(RkllamaError):
         self.status_code = status_code
 
 
-@router.get("/")
+@router.get("/", **docs.HOME)
 async def home() -> dict[str, str]:
     return {"message": "Welcome to RK-LLama!", "github": GITHUB_URL}
 
 
-@router.get("/models")
+@router.get("/models", **docs.MODELS)
 async def list_models(state: AppState = Depends(app_state)) -> JSONResponse:
     if not state.store.exists():
         raise NativeError(f"The directory {state.settings.display_models_dir} is not found.", 500)
     return JSONResponse({"models": state.store.names()})
 
 
-@router.post("/load_model")
+@router.post("/load_model", **docs.LOAD)
 async def load_model(request: Request, state: AppState = Depends(app_state)) -> dict[str, str]:
     data = await json_object(request)
     name = data.get("model_name")
@@ -65,7 +66,7 @@ async def load_model(request: Request, state: AppState = Depends(app_state)) -> 
     return {"message": f"Model {name} loaded successfully."}
 
 
-@router.post("/unload_model")
+@router.post("/unload_model", **docs.UNLOAD)
 async def unload_model(state: AppState = Depends(app_state)) -> dict[str, str]:
     current = state.scheduler.current_model
     if current is None:
@@ -74,7 +75,7 @@ async def unload_model(state: AppState = Depends(app_state)) -> dict[str, str]:
     return {"message": "Model unloaded successfully."}
 
 
-@router.get("/current_model")
+@router.get("/current_model", **docs.CURRENT)
 async def current_model(state: AppState = Depends(app_state)) -> dict[str, str]:
     current = state.scheduler.current_model
     if current is None:
@@ -142,7 +143,7 @@ def _body(created: int, content: str, done: DoneEvent | None) -> dict[str, Any]:
     return body
 
 
-@router.post("/generate")
+@router.post("/generate", **docs.GENERATE)
 async def generate(request: Request, state: AppState = Depends(app_state)) -> Any:
     data = await json_object(request)
     current = state.scheduler.current_model
@@ -178,7 +179,8 @@ async def _stream(state: AppState, model: LoadedModel, request: GenerateRequest,
         yield json.dumps({"error": exc.message}) + "\n\n"
 
 
-@router.api_route("/rm", methods=["POST", "DELETE"])
+@router.post("/rm", **docs.REMOVE)
+@router.delete("/rm", **docs.REMOVE)  # the spec documents both methods
 async def remove_model(request: Request, state: AppState = Depends(app_state)) -> dict[str, str]:
     data = await json_object(request)
     name = data.get("model")

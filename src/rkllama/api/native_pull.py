@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import RkllamaError
 from ..store.pull import PullProgress, parse_pull_ref, pull_model
 from .common import AppState, app_state, json_object
+from .schemas import native as docs
 
 router = APIRouter()
 
@@ -63,7 +64,7 @@ async def _lines(events: AsyncIterator[PullProgress], first: PullProgress) -> As
         await events.aclose()  # type: ignore[attr-defined]
 
 
-@router.post("/pull", response_model=None)
+@router.post("/pull", **docs.PULL)
 async def pull(request: Request, state: AppState = Depends(app_state)) -> StreamingResponse | JSONResponse:
     events: AsyncIterator[PullProgress] | None = None
     try:

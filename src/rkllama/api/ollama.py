@@ -52,6 +52,7 @@ from .ollama_wire import (
     ModelBody,
     PullBody,
 )
+from .schemas import ollama as docs
 
 # `HEAD /` (Ollama's liveness probe) stays open like the rest of `/`; the API needs the key.
 router = APIRouter()
@@ -99,17 +100,17 @@ async def _model_summary(entry: ModelEntry, root: Path) -> dict[str, Any]:
     }
 
 
-@api.get("/api/version")
+@api.get("/api/version", **docs.VERSION)
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@api.get("/api/tags")
+@api.get("/api/tags", **docs.TAGS)
 async def tags(state: AppState = Depends(app_state)) -> dict[str, Any]:
     return {"models": [await _model_summary(entry, state.store.root) for entry in state.store.list_models()]}
 
 
-@api.post("/api/show")
+@api.post("/api/show", **docs.SHOW)
 async def show(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, ModelBody)
     entry = resolve_model(state.store, body.target)
@@ -135,7 +136,7 @@ async def show(request: Request, state: AppState = Depends(app_state)) -> dict[s
     }
 
 
-@api.get("/api/ps")
+@api.get("/api/ps", **docs.PS)
 async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
     models = []
     now_wall, now_mono = datetime.now(UTC), time.monotonic()
@@ -150,7 +151,7 @@ async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
     return {"models": models}
 
 
-@api.delete("/api/delete")
+@api.delete("/api/delete", **docs.DELETE)
 async def delete(request: Request, state: AppState = Depends(app_state)) -> Response:
     body = await parse_body(request, ModelBody)
     entry = resolve_model(state.store, body.target)
@@ -161,7 +162,7 @@ async def delete(request: Request, state: AppState = Depends(app_state)) -> Resp
     return Response(status_code=200)
 
 
-@api.post("/api/copy")
+@api.post("/api/copy", **docs.COPY)
 async def copy(request: Request, state: AppState = Depends(app_state)) -> Response:
     body = await parse_body(request, CopyBody)
     derive_model(state.store, resolve_model(state.store, body.source), body.destination)
@@ -199,7 +200,7 @@ def _source_entry(state: AppState, source: str) -> ModelEntry:
         raise
 
 
-@api.post("/api/create")
+@api.post("/api/create", **docs.CREATE)
 async def create(request: Request, state: AppState = Depends(app_state)) -> Any:
     body = await parse_body(request, CreateBody)
     name = body.model or body.name
@@ -223,7 +224,7 @@ def _progress(event: PullProgress) -> dict[str, Any]:
     return {"status": status, "total": event.total, "completed": event.completed} if event.total else {"status": status}
 
 
-@api.post("/api/pull")
+@api.post("/api/pull", **docs.PULL)
 async def pull(request: Request, state: AppState = Depends(app_state)) -> Any:
     body = await parse_body(request, PullBody)
     ref = parse_pull_ref(body.model or body.name)
@@ -384,18 +385,18 @@ class _Exchange:
             await apply_keep_alive(self.state, self.target.name, self.keep_alive)
 
 
-@api.post("/api/generate")
+@api.post("/api/generate", **docs.GENERATE)
 async def generate(request: Request, state: AppState = Depends(app_state)) -> Any:
     return await _Exchange(state, await parse_body(request, GenerateBody), chat=False).run()
 
 
-@api.post("/api/chat")
+@api.post("/api/chat", **docs.CHAT)
 async def chat(request: Request, state: AppState = Depends(app_state)) -> Any:
     return await _Exchange(state, await parse_body(request, ChatBody), chat=True).run()
 
 
 # --- embeddings ------------------------------------------------------------------------------
-@api.post("/api/embed")
+@api.post("/api/embed", **docs.EMBED)
 async def embed(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, EmbedBody)
     keep_alive = parse_keep_alive(body.keep_alive)
@@ -416,7 +417,7 @@ async def embed(request: Request, state: AppState = Depends(app_state)) -> dict[
     }
 
 
-@api.post("/api/embeddings")
+@api.post("/api/embeddings", **docs.EMBEDDINGS)
 async def embeddings(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     """The older endpoint: one prompt, one vector."""
     body = await parse_body(request, EmbeddingsBody)

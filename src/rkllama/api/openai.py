@@ -23,6 +23,7 @@ from ..types import DoneEvent, EmbedRequest, GenerateRequest, Usage
 from .common import AppState, app_state
 from .dialect import ReplyText, load_target, parse_body, started, truncation
 from .openai_wire import ChatBody, CompletionBody, EmbeddingsBody
+from .schemas import openai as docs
 
 router = APIRouter()
 OWNER = "rkllama"
@@ -92,12 +93,12 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
     return {"id": openai_id(entry.name), "object": "model", "created": created, "owned_by": OWNER}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", **docs.MODELS)
 async def models(state: AppState = Depends(app_state)) -> dict[str, Any]:
     return {"object": "list", "data": [_model_object(entry) for entry in state.store.list_models()]}
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", **docs.MODEL_BY_ID)
 async def model(model_id: str, state: AppState = Depends(app_state)) -> dict[str, Any]:
     return _model_object(resolve_model(state.store, model_id))
 
@@ -179,12 +180,12 @@ async def _complete(state: AppState, body: ChatBody | CompletionBody, chat: bool
     return completion.reply("".join(parts), done)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", **docs.CHAT)
 async def chat_completions(request: Request, state: AppState = Depends(app_state)) -> Any:
     return await _complete(state, await parse_body(request, ChatBody), chat=True)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **docs.COMPLETIONS)
 async def completions(request: Request, state: AppState = Depends(app_state)) -> Any:
     return await _complete(state, await parse_body(request, CompletionBody), chat=False)
 
@@ -193,7 +194,7 @@ def _base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", **docs.EMBEDDINGS)
 async def embeddings(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, EmbeddingsBody)
     inputs = body.inputs()

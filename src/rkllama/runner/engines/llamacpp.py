@@ -272,6 +272,9 @@ class LlamaCppEngine:
         reserve = reply_room(context, options.max_tokens)
         fitted = self._fit_prompt(request, context, reserve)
         tokens = fitted.tokens
+        if not tokens:
+            # llama.cpp cannot decode an empty batch (a raw, empty prompt: /v1/completions "").
+            raise EngineError("The prompt is empty: there is nothing to generate from.")
         usage = Usage(
             prompt_tokens=len(tokens),
             dropped_messages=fitted.dropped_messages,
@@ -380,6 +383,9 @@ class LlamaCppEngine:
             pooling = {} if f"{arch}.pooling_type" in self.metadata else mean
             self._embedder = Llama(**{**self._llama_kwargs, "embedding": True, **pooling})
         counts = [len(self._embedder.tokenize(text.encode("utf-8"))) for text in request.inputs]
+        if 0 in counts:
+            # llama.cpp fails to decode an empty batch and its state is not to be trusted after.
+            raise EngineError(f"Input {counts.index(0)} is empty: there is nothing to embed.")
         limit = self._embedder.n_ctx()
         if not request.truncate and any(c > limit for c in counts):
             raise EngineError(f"An input is longer than the context of {limit} tokens and truncate is false.")
