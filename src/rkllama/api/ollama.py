@@ -107,7 +107,13 @@ async def version() -> dict[str, str]:
 
 @api.get("/api/tags", **docs.TAGS)
 async def tags(state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return {"models": [await _model_summary(entry, state.store.root) for entry in state.store.list_models()]}
+    models = []
+    for entry in state.store.list_models():
+        try:
+            models.append(await _model_summary(entry, state.store.root))
+        except FileNotFoundError:
+            continue  # deleted while we listed it
+    return {"models": models}
 
 
 @api.post("/api/show", **docs.SHOW)

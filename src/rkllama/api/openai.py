@@ -95,7 +95,13 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
 
 @router.get("/v1/models", **docs.MODELS)
 async def models(state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_object(entry) for entry in state.store.list_models()]}
+    data = []
+    for entry in state.store.list_models():
+        try:
+            data.append(_model_object(entry))
+        except FileNotFoundError:
+            continue  # deleted while we listed it
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model_id}", **docs.MODEL_BY_ID)
