@@ -1,7 +1,7 @@
 """Wire schemas for /openapi.json: what each route really accepts and answers.
 
-The routes read their bodies by hand (api/common.py json_object: any Content-Type, clear
-400s), so FastAPI cannot see them. These helpers describe them on the route decorators
+The routes read their bodies by hand (api/common.py json_object, with clear 400s), so
+FastAPI cannot see them. These helpers describe them on the route decorators
 instead, without touching how requests are parsed:
 
 - `json_body(Model)` is an `openapi_extra` with the request body's JSON schema;
@@ -34,6 +34,7 @@ ERROR_DESCRIPTIONS = {
     404: "The model (or route) was not found.",
     409: "Conflict with the model's state (being pulled, name taken).",
     413: "The request body is larger than the server's limit.",
+    415: "The body's Content-Type is not JSON (a browser's form or text/plain; see docs/security.md).",
     500: "Internal server error.",
     502: "The model's runner failed (crashed, or stopped answering).",
     503: "The server is busy: every loaded model is answering and no other can be loaded.",
@@ -41,7 +42,7 @@ ERROR_DESCRIPTIONS = {
 }
 # Every route may answer these (key, Origin/Host checks); routes with a body also these.
 ALWAYS = (400, 401, 403)
-WITH_BODY = (400, 401, 403, 413)
+WITH_BODY = (400, 401, 403, 413, 415)
 GENERATES = (*WITH_BODY, 404, 502, 503, 504)
 
 
@@ -84,8 +85,8 @@ def json_body(
     required: tuple[str, ...] = (),
     patch: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """`openapi_extra` declaring a JSON request body. The server reads JSON whatever the
-    Content-Type says (so `curl -d` works); the schema is what it accepts.
+    """`openapi_extra` declaring a JSON request body (`curl -d`'s form type is also read as
+    JSON from clients that send no Origin; see docs/security.md).
 
     `required` names fields a parser model defaults but the route refuses when empty (a
     dialect's `model`: also given minLength 1); `patch` narrows properties the route checks

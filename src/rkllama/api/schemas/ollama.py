@@ -59,6 +59,8 @@ class RunningModel(Strict):
     expires_at: str = Field(description="When the model will be unloaded (far in the future: kept loaded).")
     size_vram: int
     context_length: int
+    num_thread: int | None = Field(None, description="CPU threads the model's runner uses (not Ollama's).")
+    num_parallel: int | None = Field(None, description="Requests the model answers at once (not Ollama's).")
 
 
 class Running(Strict):
