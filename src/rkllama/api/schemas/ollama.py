@@ -76,6 +76,7 @@ class Show(Strict):
     model_info: dict[str, Any]
     capabilities: list[str]
     modified_at: str
+    context_length: int | None = Field(None, description="The context a load gets by default (num_ctx).")
 
 
 class Status(Strict):
