@@ -19,6 +19,8 @@ NO_MODEL = {"error": "No model is currently loaded."}
 GREEDY = {"temperature": 0, "seed": 7}
 # A question the 135M default model answers correctly when greedy.
 FRANCE = "What is the capital of France? Answer in one word."
+# Greedy, the default model counts on until max_tokens: a request that runs until stopped.
+COUNTING = "Count from 1 to 10000, one number per line, with no other text."
 
 
 def generate(client: httpx.Client, **body) -> httpx.Response:
@@ -323,8 +325,8 @@ def test_runner_killed_during_non_stream_request(start_server):
     idle = cpu_seconds(runner)
 
     def kill_once_generating() -> None:
-        # Greedy, this prompt runs for ~400 tokens (seconds): kill once the runner is busy.
-        deadline = time.monotonic() + 30
+        # Greedy, this counting never ends before max_tokens: kill once the runner is busy.
+        deadline = time.monotonic() + 60
         while cpu_seconds(runner) < idle + 0.3 and time.monotonic() < deadline:
             time.sleep(0.02)
         os.kill(runner, signal.SIGKILL)
@@ -332,7 +334,7 @@ def test_runner_killed_during_non_stream_request(start_server):
     killer = threading.Thread(target=kill_once_generating)
     killer.start()
     with srv.client() as client:
-        response = generate(client, messages="Tell a very long story.", max_tokens=3000, **GREEDY)
+        response = generate(client, messages=COUNTING, max_tokens=4000, **GREEDY)
         killer.join()
         assert response.status_code == 502
         assert "SIGKILL" in response.json()["error"]
@@ -445,7 +447,8 @@ def test_unknown_route_is_json_404(server):
 
 
 def test_unload_during_generation_stops_it_with_a_clear_error(start_server):
-    srv = start_server()
+    # No grace: the unload stops what is running at once (tests/test_faults.py: with one).
+    srv = start_server(env={"RKLLAMA_UNLOAD_GRACE": "0"})
     with srv.client() as client, srv.client() as other:
         with client.stream(
             "POST", "/generate", json={"messages": "Tell a very long story.", "stream": True, "max_tokens": 3000}

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -139,9 +140,45 @@ def test_runner_killed_with_three_requests_in_flight(start_server):
         assert client.get("/current_model").json() == {"error": "No model is currently loaded."}
 
 
+# Greedy, the default model counts on and on: a stream that only ends when closed.
+ENDLESS = {"messages": "Count from 1 to 10000, one number per line.", "max_tokens": 4000, **GREEDY}
+
+
+def assert_one_request_at_a_time(srv) -> None:
+    """A second stream sent while a first runs gets its first token only once the first is
+    closed: the order of events, not times, shows the requests did not run side by side."""
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def second() -> None:
+        with srv.client() as client, client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
+            next(line for line in response.iter_lines() if line)
+            with lock:
+                events.append("second answers")
+
+    requests_seen = srv.log().count('"POST /generate')
+    with srv.client() as client, client.stream("POST", "/generate", json={**ENDLESS, "stream": True}) as response:
+        chunks = (line for line in response.iter_lines() if line)
+        next(chunks)
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        # The second request is in the server (its stream has started) ...
+        while srv.log().count('"POST /generate') < requests_seen + 2:
+            next(chunks)
+        # ... and the first goes on answering for a while: running side by side, the
+        # second would have answered by now.
+        for _ in range(30):
+            next(chunks)
+        with lock:
+            events.append("first closed")
+    waiter.join()
+    assert events == ["first closed", "second answers"]
+
+
 def test_num_parallel_1_serves_one_at_a_time_with_the_same_answers(start_server, server):
     """NUM_PARALLEL=1 keeps the one-request-at-a-time runner; its answers are the batched ones."""
     single = start_server(env={"RKLLAMA_NUM_PARALLEL": "1"})
+    assert_one_request_at_a_time(single)
     alone, together = alone_then_together(single, MIXED)
     assert together == alone * 2
     with server.client() as client:
@@ -165,6 +202,7 @@ def test_num_parallel_from_the_modelfile_and_a_bad_value(start_server, tmp_path)
         assert bad.status_code == 400
         assert "NUM_PARALLEL must be between 1 and" in bad.json()["error"]
         assert client.post("/load_model", json={"model_name": "single"}).status_code == 200
+        assert_one_request_at_a_time(srv)
         with client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
             assert json.loads(next(response.iter_lines()))["choices"][0]["finish_reason"] is None
         # The one slot is free again once the stream is closed.

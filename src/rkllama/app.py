@@ -16,6 +16,7 @@ from .api import native, native_pull, ollama, openai
 from .api.common import AppState
 from .api.guards import install_guards
 from .errors import RkllamaError
+from .runner.client import RunnerLimits
 from .scheduler import Scheduler
 from .settings import Settings
 from .store.default_model import DEFAULT_MODEL_NAME, install_default_model
@@ -89,11 +90,14 @@ async def _load_startup_model(settings: Settings, store: ModelStore, scheduler: 
 
 def create_app(settings: Settings) -> FastAPI:
     store = ModelStore(settings.models_dir)
+    limits = RunnerLimits(timeout=settings.runner_timeout, max_message_bytes=settings.runner_max_message_bytes)
     scheduler = Scheduler(
         store,
         max_loaded_models=settings.max_loaded_models,
         context_length=settings.context_length,
         kv_budget=settings.kv_budget_bytes(),
+        runner_limits=limits,
+        unload_grace=settings.unload_grace,
     )
 
     @contextlib.asynccontextmanager

@@ -20,9 +20,8 @@ _PATH_SETTINGS = {"models_dir", "api_key_file"}
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .server import serve_app
 
     settings = Settings()
     for name in Settings.names():
@@ -41,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    serve_app(app, settings)
     return 0
 
 
@@ -73,6 +72,17 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-body-bytes", type=int, help="largest request body, in bytes (env RKLLAMA_MAX_BODY_BYTES, default 32 MiB)"
+    )
+    serve.add_argument(
+        "--runner-timeout",
+        type=float,
+        help="seconds a busy model runner may send nothing before it is killed; 0: never "
+        "(env RKLLAMA_RUNNER_TIMEOUT, default 60)",
+    )
+    serve.add_argument(
+        "--unload-grace",
+        type=float,
+        help="seconds an unload waits for requests in flight to finish (env RKLLAMA_UNLOAD_GRACE, default 30)",
     )
     serve.add_argument(
         "--max-loaded-models", type=int, help="models kept loaded at once (env RKLLAMA_MAX_LOADED_MODELS, default 1)"

@@ -48,3 +48,23 @@ class RunnerError(RkllamaError):
     502: the server itself is fine, the model process behind it is not."""
 
     status_code = 502
+
+
+class RunnerTimeout(RunnerError):
+    """The runner made no progress for too long (hung) and was killed: 504, as a gateway
+    whose upstream timed out."""
+
+    status_code = 504
+
+
+class ModelUnloading(RkllamaError):
+    """The model is being unloaded: it takes no new requests (they may be sent again)."""
+
+    status_code = 503
+
+
+class ServerShuttingDown(RkllamaError):
+    status_code = 503
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down; this request was stopped. Retry once it is back.")

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .context_size import ContextLimits, default_kv_budget
-from .errors import ModelLoadError, RunnerError, ServerBusy
-from .runner.client import RunnerProcess
+from .errors import ModelLoadError, RunnerError, ServerBusy, ServerShuttingDown
+from .runner.client import RunnerLimits, RunnerProcess
 from .runner.engines.base import LoadSpec
 from .store.gguf_info import gguf_info
 from .store.models_dir import ModelEntry, ModelStore
@@ -58,16 +58,22 @@ class Scheduler:
         runner_factory: RunnerFactory | None = None,
         context_length: int | None = None,
         kv_budget: int | None = None,
+        runner_limits: RunnerLimits | None = None,
+        unload_grace: float = 30.0,
     ) -> None:
         self.store = store
         self.context_length = context_length
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.max_loaded_models = max(1, max_loaded_models)
-        self._runner_factory = runner_factory or (lambda spec, on_exit: RunnerProcess(spec, on_exit))
+        limits = runner_limits or RunnerLimits()
+        self._runner_factory = runner_factory or (lambda spec, on_exit: RunnerProcess(spec, on_exit, limits))
+        self.unload_grace = unload_grace
         self._loaded: dict[str, LoadedModel] = {}
+        self._draining: dict[str, asyncio.Event] = {}  # models being unloaded -> set once gone
         self._load_lock = asyncio.Lock()
         self._current: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._shutting_down = False
 
     # --- what is loaded -------------------------------------------------------------
     @property
@@ -130,6 +136,11 @@ class Scheduler:
 
     async def _start(self, entry: ModelEntry, overrides: dict) -> LoadedModel:
         """Caller holds the load lock."""
+        # A model being unloaded still holds its memory (and may be this one): wait.
+        for drained in list(self._draining.values()):
+            await drained.wait()
+        if self._shutting_down:
+            raise ServerShuttingDown()
         await self._make_room()
         if entry.format == "gguf":
             limits = self.context_limits(entry)
@@ -166,19 +177,33 @@ class Scheduler:
                 )
             await self.unload(idle[0].name)
 
-    async def unload(self, name: str) -> bool:
+    async def unload(self, name: str, grace: float | None = None) -> bool:
+        """Unload `name` once its requests in flight finish (at most `grace` seconds, the
+        scheduler's unload_grace by default). False when it was not loaded."""
         model = self._loaded.pop(name, None)
         if model is None:
+            if drained := self._draining.get(name):
+                await drained.wait()  # unloading already: done when that one is
             return False
         if self._current == name:
             self._current = None
-        await model.runner.close()
+        drained = self._draining[name] = asyncio.Event()
+        try:
+            grace = self.unload_grace if grace is None else grace
+            if model.busy:
+                log.info("Unloading %s: waiting up to %gs for %d request(s)", name, grace, model.runner.pending)
+            if not await model.runner.drain(grace):
+                log.warning("Unloading %s: requests still running after %gs are stopped", name, grace)
+            await model.runner.close()
+        finally:
+            del self._draining[name]
+            drained.set()
         log.info("Unloaded %s", name)
         return True
 
-    async def unload_all(self) -> None:
+    async def unload_all(self, grace: float | None = None) -> None:
         for name in list(self._loaded):
-            await self.unload(name)
+            await self.unload(name, grace)
 
     def _runner_exited(self, runner: RunnerProcess) -> None:
         for name, model in list(self._loaded.items()):
@@ -202,16 +227,27 @@ class Scheduler:
                 now = time.monotonic()
                 for model in list(self._loaded.values()):
                     if model.expires_at is not None and model.expires_at <= now and not model.busy:
-                        await self.unload(model.name)
+                        try:
+                            await self.unload(model.name)
+                        except Exception:  # one model's failure must not end keep-alive for all
+                            log.exception("Keep-alive could not unload %s; will retry", model.name)
 
         self._sweeper = asyncio.get_running_loop().create_task(sweep())
+
+    async def begin_shutdown(self) -> None:
+        """The server is stopping: refuse new loads and end every request in flight with a
+        clear error, so each stream gets its final chunk before connections close."""
+        self._shutting_down = True
+        for model in list(self._loaded.values()):
+            await model.runner.interrupt(ServerShuttingDown())
 
     async def shutdown(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.unload_all()
+        self._shutting_down = True
+        await self.unload_all(grace=0)
 
     # --- work -----------------------------------------------------------------------
     async def generate(self, model: LoadedModel, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:

@@ -86,6 +86,16 @@ class Settings:
     # Bytes the KV cache of one model may take by default ("4GiB", "512M", MiB); None: a quarter of memory.
     kv_cache_budget: str | None = field(default_factory=lambda: _env("KV_CACHE_BUDGET") or None)
 
+    # A busy runner that sends nothing (no token, no heartbeat) for this many seconds is hung:
+    # it is killed and its requests get a 504. 0 turns the watchdog off.
+    runner_timeout: float = field(default_factory=lambda: float(_env("RUNNER_TIMEOUT", "60") or 60))
+    # How long an unload waits for requests in flight to finish before stopping them.
+    unload_grace: float = field(default_factory=lambda: float(_env("UNLOAD_GRACE", "30") or 30))
+    # The longest message a runner may send (bytes); longer is a protocol error.
+    runner_max_message_bytes: int = field(
+        default_factory=lambda: int(_env("RUNNER_MAX_MESSAGE_BYTES", str(2**24)) or 2**24)
+    )
+
     def kv_budget_bytes(self) -> int:
         return parse_size(self.kv_cache_budget) if self.kv_cache_budget else default_kv_budget()
 

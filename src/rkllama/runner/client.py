@@ -4,6 +4,10 @@ A runner runs up to `info.parallel` requests at once (llama.cpp batches them); m
 for a permit in arrival order. One reader task routes the runner's messages to each request's
 queue by id. If the process dies, every request in flight gets a `RunnerError` and `on_exit`
 tells the scheduler, which forgets the model so the next load starts a fresh runner.
+
+Two faults end a runner that is still running, so that it is forgotten for real: a message
+that breaks the protocol (too long, not JSON), and the watchdog, which kills a busy runner
+that sent nothing, not even its heartbeat, for `limits.timeout` seconds.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
 
-from ..errors import BadRequest, ModelLoadError, RunnerError
+from ..errors import BadRequest, ModelLoadError, ModelUnloading, RkllamaError, RunnerError, RunnerTimeout
 from ..types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent, Usage
 from .engines.base import LoadSpec
 from .protocol import RUNNER_MODULE, decode, encode
@@ -34,14 +39,33 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_SECONDS = 10.0
 
 
+@dataclass(frozen=True)
+class RunnerLimits:
+    # A busy runner silent for this long is killed (0: never). It beats every timeout/5 s.
+    timeout: float = 60.0
+    # The longest line a runner may send. Tokens are small and embeddings travel one vector
+    # per line, so only a broken runner comes near it.
+    max_message_bytes: int = 2**24
+
+    @property
+    def heartbeat_seconds(self) -> float | None:
+        return max(0.05, min(5.0, self.timeout / 5)) if self.timeout > 0 else None
+
+
 def _request_error(message: dict[str, Any]) -> BadRequest | RunnerError:
     text = message.get("message") or "The runner failed."
     return BadRequest(text) if message.get("client_error") else RunnerError(text)
 
 
 class RunnerProcess:
-    def __init__(self, spec: LoadSpec, on_exit: Callable[[RunnerProcess], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: LoadSpec,
+        on_exit: Callable[[RunnerProcess], None] | None = None,
+        limits: RunnerLimits | None = None,
+    ) -> None:
         self.spec = spec
+        self.limits = limits or RunnerLimits()
         self.info: ModelInfo | None = None
         self._on_exit = on_exit
         self._process: asyncio.subprocess.Process | None = None
@@ -50,11 +74,16 @@ class RunnerProcess:
         self._permits = asyncio.Semaphore(1)  # resized to info.parallel once loaded
         self._inboxes: dict[int, asyncio.Queue[dict[str, Any] | RunnerError]] = {}
         self._dead: RunnerError | None = None
+        self._fault: RunnerError | None = None  # why we killed it, when we did
+        self._interrupted: RkllamaError | None = None  # why requests are being cancelled (shutdown)
         self._ids = itertools.count(1)
         self._closing = False
-        self.pending = 0  # requests queued or running, for `ps` and scheduling
+        self._draining = False
         self._idle = asyncio.Event()  # set while pending == 0
         self._idle.set()
+        self._last_heard = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []  # referenced, so they are not collected
+        self.pending = 0  # requests queued or running, for `ps` and scheduling
 
     @property
     def alive(self) -> bool:
@@ -72,6 +101,8 @@ class RunnerProcess:
                 "-m",
                 RUNNER_MODULE,
                 str(child_sock.fileno()),
+                "--parent",
+                str(os.getpid()),
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
                 # Native libraries print to stdout; keep the server's stdout clean.
@@ -80,8 +111,10 @@ class RunnerProcess:
             )
         finally:
             child_sock.close()
-        self._reader, self._writer = await asyncio.open_connection(sock=parent_sock, limit=2**24)
-        await self._send({"op": "load", "spec": asdict(self.spec)})
+        self._reader, self._writer = await asyncio.open_connection(
+            sock=parent_sock, limit=self.limits.max_message_bytes
+        )
+        await self._send({"op": "load", "spec": asdict(self.spec), "heartbeat_seconds": self.limits.heartbeat_seconds})
         try:
             reply = await asyncio.wait_for(self._receive(), timeout)
         except (TimeoutError, RunnerError) as exc:
@@ -94,8 +127,10 @@ class RunnerProcess:
         self.info = ModelInfo(**reply["info"])
         self._permits = asyncio.Semaphore(max(1, self.info.parallel))
         loop = asyncio.get_running_loop()
-        loop.create_task(self._route())
-        loop.create_task(self._watch())
+        self._last_heard = time.monotonic()
+        self._tasks = [loop.create_task(self._route()), loop.create_task(self._watch())]
+        if self.limits.timeout > 0:
+            self._tasks.append(loop.create_task(self._watchdog()))
         return self.info
 
     async def _route(self) -> None:
@@ -103,13 +138,41 @@ class RunnerProcess:
         try:
             while True:
                 message = await self._receive()
+                self._last_heard = time.monotonic()
                 inbox = self._inboxes.get(message.get("id"))  # type: ignore[arg-type]
-                if inbox is not None:  # else: leftovers of a request that gave up
+                if inbox is not None:  # else: a heartbeat, or leftovers of a request that gave up
                     inbox.put_nowait(message)
         except RunnerError as exc:
-            self._dead = exc
+            self._dead = self._fault or exc
             for inbox in self._inboxes.values():
-                inbox.put_nowait(exc)
+                inbox.put_nowait(self._dead)
+
+    async def _watchdog(self) -> None:
+        """Kill a busy runner that has sent nothing for `limits.timeout` seconds: stopped,
+        deadlocked or stuck in native code. Its requests get a 504; the model is forgotten."""
+        timeout = self.limits.timeout
+        while self.alive:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            silent = time.monotonic() - self._last_heard
+            if self._inboxes and silent > timeout and self.alive:
+                log.error("Runner of %s sent nothing for %.0f s while busy; killing it", self.spec.name, silent)
+                self._fault = RunnerTimeout(
+                    f"The runner of model {self.spec.name} made no progress for {timeout:g} s "
+                    "(RKLLAMA_RUNNER_TIMEOUT) and was stopped. The model has been unloaded; "
+                    "load it again to continue."
+                )
+                await self.kill()
+                return
+
+    async def _protocol_error(self, what: str) -> RunnerError:
+        """The runner broke the protocol: end it for real, so the model is not kept half-alive."""
+        log.error("Runner of %s %s; killing it", self.spec.name, what)
+        self._fault = RunnerError(
+            f"The runner of model {self.spec.name} {what} and was stopped. "
+            "The model has been unloaded; load it again to continue."
+        )
+        await self.kill()
+        return self._fault
 
     async def _watch(self) -> None:
         assert self._process is not None
@@ -120,6 +183,8 @@ class RunnerProcess:
             self._on_exit(self)
 
     def _exit_reason(self) -> str:
+        if self._fault is not None:
+            return "was stopped by the server"
         code = self._process.returncode if self._process else None
         if code is None:
             return "stopped answering"
@@ -140,14 +205,23 @@ class RunnerProcess:
         assert self._reader is not None
         try:
             line = await self._reader.readline()
-        except (ConnectionError, OSError, ValueError):
+        except (ConnectionError, OSError):
             line = b""
+        except ValueError:  # asyncio's LimitOverrunError: the line is longer than the limit
+            limit = self.limits.max_message_bytes
+            raise await self._protocol_error(f"sent a message longer than {limit} bytes") from None
         if not line:
             if self._process is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._process.wait(), 2.0)
-            raise RunnerError(self._died_message())
-        return decode(line)
+            raise self._fault or RunnerError(self._died_message())
+        try:
+            message = decode(line)
+        except ValueError:
+            raise await self._protocol_error("sent a message that is not JSON") from None
+        if not isinstance(message, dict):
+            raise await self._protocol_error("sent a message that is not a JSON object")
+        return message
 
     def _died_message(self) -> str:
         return (
@@ -158,12 +232,16 @@ class RunnerProcess:
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[tuple[int, asyncio.Queue[dict[str, Any] | RunnerError]]]:
         """A permit to run one request, its id and the queue its messages arrive in."""
+        if self._draining:
+            raise ModelUnloading(f"Model {self.spec.name} is being unloaded; send the request again to load it again.")
         self.pending += 1
         self._idle.clear()
         try:
             async with self._permits:
                 if self._dead is not None:
                     raise self._dead
+                if self._interrupted is not None:
+                    raise self._interrupted
                 request_id = next(self._ids)
                 inbox: asyncio.Queue[dict[str, Any] | RunnerError] = asyncio.Queue()
                 self._inboxes[request_id] = inbox
@@ -194,8 +272,10 @@ class RunnerProcess:
                     elif kind == "done":
                         finished = True
                         if message["finish_reason"] == "cancelled":
-                            # Only an unload cancels without us asking (see _cancel).
-                            raise RunnerError(f"Model {self.spec.name} was unloaded while answering this request.")
+                            # Only an unload or a shutdown cancels without us asking (see _cancel).
+                            raise self._interrupted or RunnerError(
+                                f"Model {self.spec.name} was unloaded while answering this request."
+                            )
                         yield DoneEvent(finish_reason=message["finish_reason"], usage=Usage(**message["usage"]))
                         return
                     else:
@@ -244,7 +324,34 @@ class RunnerProcess:
             return message["value"]
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        return EmbedResult(**await self._call("embed", request=asdict(request)))
+        """The runner sends one message per vector, then the result with the token count."""
+        async with self._slot() as (request_id, inbox):
+            await self._send({"op": "embed", "id": request_id, "request": asdict(request)})
+            vectors: list[list[float]] = []
+            while (message := await self._next(inbox)).get("type") == "embedding":
+                vectors.append(message["vector"])
+            if message.get("type") != "result":
+                raise _request_error(message)
+            return EmbedResult(**{**message["value"], "embeddings": vectors})
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new requests and wait up to `grace` seconds for those in flight to finish.
+        True when they all did."""
+        self._draining = True
+        try:
+            async with asyncio.timeout(max(0.0, grace)):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return self.pending == 0
+
+    async def interrupt(self, reason: RkllamaError) -> None:
+        """End every request with `reason`: generations stop at their next token (the
+        server is shutting down). Requests still waiting for a permit get it at once."""
+        self._interrupted = reason
+        for request_id in list(self._inboxes):
+            with contextlib.suppress(RunnerError):
+                await self._send({"op": "cancel", "id": request_id})
 
     async def tokenize(self, text: str) -> list[int]:
         return await self._call("tokenize", text=text)

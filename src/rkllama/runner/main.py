@@ -3,19 +3,29 @@
 A reader thread takes messages off the socket so that a `cancel` reaches the running
 request at once. Requests run one at a time on the main thread, or, when the engine can run
 several at once (`info.parallel` > 1, llama.cpp's batched decoding), each in its own thread.
+
+The runner never outlives its server: when the socket closes (the server exited or was
+killed) every request is cancelled at its next token and the runner exits; on Linux the
+kernel also kills it when the server process dies (PR_SET_PDEATHSIG). A heartbeat thread
+tells the server the process is alive while a long prompt evaluation sends no tokens, so
+the server's watchdog only fires on a runner that is really stuck (stopped, deadlocked).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -48,8 +58,20 @@ class Connection:
         self._lock = threading.Condition()
         self._held: list[dict[str, Any]] = []
         self._last_write = 0.0
+        self.lost = False  # the server end is gone: nothing more can be sent
+        self.on_lost: Callable[[], None] = lambda: None
         if batch_seconds > 0:
             threading.Thread(target=self._flush_loop, daemon=True).start()
+
+    def _sendall(self, data: bytes) -> None:
+        """Caller holds the lock. A write to a server that is gone is dropped, once noticed."""
+        if self.lost:
+            return
+        try:
+            self._sock.sendall(data)
+        except OSError:
+            self.lost = True
+            self.on_lost()
 
     def _write(self, messages: list[dict[str, Any]]) -> None:
         """Caller holds the lock. Held tokens of one request travel as one token message, also
@@ -66,7 +88,7 @@ class Connection:
                 open_tokens[request_id] = merged[-1]
             else:
                 open_tokens.pop(request_id, None)
-        self._sock.sendall(b"".join(encode(m) for m in merged))
+        self._sendall(b"".join(encode(m) for m in merged))
         self._last_write = time.monotonic()
 
     def send(self, message: dict[str, Any]) -> None:
@@ -99,8 +121,19 @@ class Connection:
                 self._held.clear()
 
     def receive(self) -> dict[str, Any] | None:
-        line = self._reader.readline()
+        try:
+            line = self._reader.readline()
+        except OSError:
+            line = b""
         return decode(line) if line else None
+
+    def beat(self, interval: float) -> None:
+        """Send a heartbeat every `interval` seconds until the server is gone (a daemon thread)."""
+        while not self.lost:
+            time.sleep(interval)
+            with self._lock:
+                self._write([*self._held, {"op": "heartbeat"}])
+                self._held.clear()
 
 
 def _serve_one(engine: Engine, message: dict[str, Any], cancel: threading.Event, conn: Connection) -> None:
@@ -116,7 +149,10 @@ def _serve_one(engine: Engine, message: dict[str, Any], cancel: threading.Event,
                     conn.send({"id": request_id, **asdict(event)})
         elif op == "embed":
             result = engine.embed(EmbedRequest(**message["request"]))
-            conn.send({"id": request_id, "type": "result", "value": asdict(result)})
+            # One message per vector: thousands of inputs would not fit in one line.
+            for index, vector in enumerate(result.embeddings):
+                conn.send({"id": request_id, "type": "embedding", "index": index, "vector": vector})
+            conn.send({"id": request_id, "type": "result", "value": {**asdict(result), "embeddings": []}})
         elif op == "tokenize":
             conn.send({"id": request_id, "type": "result", "value": engine.tokenize(message["text"])})
         else:
@@ -142,10 +178,23 @@ def serve(conn: Connection) -> int:
         return 1
     log.info("%s engine: %d threads, %s", engine.info.engine, engine.info.threads, wait_policy)
     conn.send({"op": "ready", "info": asdict(engine.info)})
+    if heartbeat := first.get("heartbeat_seconds"):
+        threading.Thread(target=conn.beat, args=(float(heartbeat),), daemon=True).start()
 
     work: queue.Queue[dict[str, Any] | None] = queue.Queue()
     cancels: dict[int, threading.Event] = {}
     cancels_lock = threading.Lock()
+
+    stopping = threading.Event()  # no new work: requests still queued are cancelled at once
+
+    def cancel_all() -> None:
+        with cancels_lock:
+            stopping.set()
+            for event in cancels.values():
+                event.set()
+
+    # A server that went away cannot read answers: stop at the next token, not at the end.
+    conn.on_lost = cancel_all
 
     def read_loop() -> None:
         while (message := conn.receive()) is not None:
@@ -153,14 +202,11 @@ def serve(conn: Connection) -> int:
                 with cancels_lock:
                     cancels.setdefault(message["id"], threading.Event()).set()
             elif message.get("op") == "shutdown":
-                # Unloading: stop the request in flight instead of finishing it.
-                with cancels_lock:
-                    for event in cancels.values():
-                        event.set()
-                break
+                break  # unloading: stop the requests in flight instead of finishing them
             else:
                 work.put(message)
-        work.put(None)  # server gone or asked us to stop
+        cancel_all()  # asked to stop, or the server is gone (EOF)
+        work.put(None)
 
     def serve_and_forget(message: dict[str, Any], cancel: threading.Event) -> None:
         _serve_one(engine, message, cancel, conn)
@@ -172,6 +218,8 @@ def serve(conn: Connection) -> int:
     while (message := work.get()) is not None:
         with cancels_lock:
             cancel = cancels.setdefault(message["id"], threading.Event())
+            if stopping.is_set():
+                cancel.set()
         if engine.info.parallel <= 1:
             serve_and_forget(message, cancel)
             continue
@@ -186,11 +234,29 @@ def serve(conn: Connection) -> int:
     return 0
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to kill this process when the server dies, even by SIGKILL; the socket's EOF
+    is the portable path, this one also stops a runner stuck in native code."""
+    libc_name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    elif parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the server died before the request to the kernel was made
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="RKLLama model runner (started by the server).")
     parser.add_argument("fd", type=int, help="socket file descriptor inherited from the server")
+    parser.add_argument("--parent", type=int, help="the server's pid: the runner dies with it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RKLLAMA_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr)
+    die_with_parent(args.parent)
     sock = socket.socket(fileno=args.fd)
     return serve(Connection(sock))
 
