@@ -17,8 +17,8 @@ from conftest import RkllamaServer
 from rkllama.store.default_model import DEFAULT_MODEL_NAME
 
 MODEL = DEFAULT_MODEL_NAME
-# Greedy, this counting never reaches an end of its own: the stream runs until stopped.
-COUNTING = "Count from 1 to 10000, one number per line, with no other text."
+# Greedy, the default model tells this story for ~400 tokens: a stream that runs a while.
+STORY = "Tell a very long story."
 LONG_TOKENS = 4000
 DIALECTS = ["native", "ollama", "openai"]
 
@@ -57,7 +57,7 @@ def runner_processes() -> set[int]:
 
 
 def stream_then(
-    srv: RkllamaServer, dialect: str, action: Callable[[], None], timeout: float = 120.0, tokens: int = LONG_TOKENS
+    srv: RkllamaServer, dialect: str, action: Callable[[], None], timeout: float = 600.0, tokens: int = LONG_TOKENS
 ) -> tuple[str, str]:
     """Start a long streamed answer in `dialect`, run `action` once the first piece of text
     arrived, and read on. Returns ("error", message) when the stream ended with an error
@@ -73,7 +73,7 @@ def stream_then(
 
 
 def _native(srv: RkllamaServer, action: Callable[[], None], timeout: float, tokens: int) -> tuple[str, str]:
-    body = {"messages": COUNTING, "stream": True, "max_tokens": tokens, "temperature": 0}
+    body = {"messages": STORY, "stream": True, "max_tokens": tokens, "temperature": 0}
     with srv.client(timeout=timeout) as client, client.stream("POST", "/generate", json=body) as response:
         assert response.status_code == 200
         chunks = (json.loads(line) for line in response.iter_lines() if line)
@@ -89,7 +89,7 @@ def _native(srv: RkllamaServer, action: Callable[[], None], timeout: float, toke
 def _ollama(srv: RkllamaServer, action: Callable[[], None], timeout: float, tokens: int) -> tuple[str, str]:
     client = ollama.Client(host=srv.base_url, timeout=timeout)
     options = {"num_predict": tokens, "temperature": 0}
-    parts = client.chat(model=MODEL, messages=[{"role": "user", "content": COUNTING}], stream=True, options=options)
+    parts = client.chat(model=MODEL, messages=[{"role": "user", "content": STORY}], stream=True, options=options)
     try:
         assert not next(parts).done
         action()
@@ -103,7 +103,7 @@ def _ollama(srv: RkllamaServer, action: Callable[[], None], timeout: float, toke
 
 def _openai(srv: RkllamaServer, action: Callable[[], None], timeout: float, tokens: int) -> tuple[str, str]:
     client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", timeout=timeout, max_retries=0)
-    messages = [{"role": "user", "content": COUNTING}]
+    messages = [{"role": "user", "content": STORY}]
     chunks = client.chat.completions.create(
         model=MODEL, messages=messages, stream=True, max_tokens=tokens, temperature=0
     )
@@ -121,10 +121,10 @@ def _openai(srv: RkllamaServer, action: Callable[[], None], timeout: float, toke
     return "done", last.model_dump_json() if last else ""
 
 
-def answers(srv: RkllamaServer, dialect: str) -> str:
+def answers(srv: RkllamaServer, dialect: str, timeout: float = 600) -> str:
     """A short answer in `dialect` (the native API loads the model first, as its clients must)."""
     if dialect == "native":
-        with srv.client() as client:
+        with srv.client(timeout=timeout) as client:
             if client.get("/current_model").status_code != 200:
                 loaded = client.post("/load_model", json={"model_name": MODEL})
                 assert loaded.status_code == 200, loaded.text
@@ -132,18 +132,18 @@ def answers(srv: RkllamaServer, dialect: str) -> str:
             assert reply.status_code == 200, reply.text
             return reply.json()["choices"][0]["content"]
     if dialect == "ollama":
-        chat = ollama.Client(host=srv.base_url, timeout=120).chat(
+        chat = ollama.Client(host=srv.base_url, timeout=timeout).chat(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 3}
         )
         return chat.message.content or ""
-    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", timeout=120, max_retries=0)
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", timeout=timeout, max_retries=0)
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     return reply.choices[0].message.content or ""
 
 
 def loaded_models(srv: RkllamaServer) -> list[str]:
     with srv.client() as client:
-        return [m["name"] for m in client.get("/api/ps").json()["models"]]
+        return [m["name"].removesuffix(":latest") for m in client.get("/api/ps").json()["models"]]
 
 
 def models_dir_with(root: Path, files: dict[str, bytes]) -> Path:

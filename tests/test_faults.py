@@ -14,9 +14,9 @@ import ollama
 import pytest
 
 from faults_support import (
-    COUNTING,
     DIALECTS,
     MODEL,
+    STORY,
     answers,
     loaded_models,
     models_dir_with,
@@ -53,7 +53,7 @@ def test_a_stopped_runner_is_killed_by_the_watchdog(start_server, dialect):
     srv = start_server(env={"RKLLAMA_RUNNER_TIMEOUT": "5"})
     (runner,) = srv.runner_pids()
     try:
-        end, detail = stream_then(srv, dialect, lambda: os.kill(runner, signal.SIGSTOP), timeout=90)
+        end, detail = stream_then(srv, dialect, lambda: os.kill(runner, signal.SIGSTOP))
     finally:
         os_kill_if_alive(runner, signal.SIGCONT)
     assert end == "error", detail
@@ -80,15 +80,15 @@ def test_a_request_to_a_stopped_idle_runner_is_a_504(start_server):
 
 def test_a_long_prompt_evaluation_is_not_mistaken_for_a_hang(start_server):
     """The runner's heartbeat covers prompt evaluation, which sends no tokens for a while."""
-    srv = start_server(env={"RKLLAMA_RUNNER_TIMEOUT": "2"})
-    long_prompt = "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 300
-    with srv.client() as client:
+    srv = start_server(env={"RKLLAMA_RUNNER_TIMEOUT": "10"})
+    long_prompt = "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 150
+    with srv.client(timeout=900) as client:
         reply = client.post(
             "/api/generate",
             json={"model": MODEL, "prompt": long_prompt, "stream": False, "options": {"num_predict": 2}},
         )
     assert reply.status_code == 200, reply.text
-    assert reply.json()["prompt_eval_count"] > 2000
+    assert reply.json()["prompt_eval_count"] > 1500
     assert "made no progress" not in srv.log()
 
 
@@ -129,7 +129,7 @@ PATIENT = {"RKLLAMA_UNLOAD_GRACE": "600"}
 def test_unload_lets_requests_in_flight_finish(start_server):
     srv = start_server(env=PATIENT)
     (runner,) = srv.runner_pids()
-    body = {"messages": COUNTING, "stream": True, "max_tokens": 60, "temperature": 0}
+    body = {"messages": STORY, "stream": True, "max_tokens": 20, "temperature": 0}
     with srv.client() as client, srv.client() as other, ThreadPoolExecutor(1) as pool:
         with client.stream("POST", "/generate", json=body) as response:
             chunks = (json.loads(line) for line in response.iter_lines() if line)
@@ -140,8 +140,8 @@ def test_unload_lets_requests_in_flight_finish(start_server):
             assert client.get("/current_model").json() == {"error": "No model is currently loaded."}
             rest = list(chunks)
         assert "error" not in rest[-1]
-        assert rest[-1]["choices"][0]["finish_reason"] == "length"
-        assert rest[-1]["usage"]["completion_tokens"] == 60
+        assert rest[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+        assert rest[-1]["usage"]["completion_tokens"] > 1
         assert unload.result().json() == {"message": "Model unloaded successfully."}
     assert process_gone(runner)
 
@@ -165,7 +165,7 @@ def test_a_request_during_an_unload_waits_and_loads_the_model_again(start_server
             outcomes.append(again.result())
 
     worker = threading.Thread(target=unload_and_ask_again)
-    end, detail = stream_then(srv, "ollama", worker.start, tokens=60)
+    end, detail = stream_then(srv, "ollama", worker.start, timeout=600, tokens=20)
     worker.join()
     assert end == "done", detail
     assert len(outcomes) == 1 and outcomes[0]

@@ -19,8 +19,6 @@ NO_MODEL = {"error": "No model is currently loaded."}
 GREEDY = {"temperature": 0, "seed": 7}
 # A question the 135M default model answers correctly when greedy.
 FRANCE = "What is the capital of France? Answer in one word."
-# Greedy, the default model counts on until max_tokens: a request that runs until stopped.
-COUNTING = "Count from 1 to 10000, one number per line, with no other text."
 
 
 def generate(client: httpx.Client, **body) -> httpx.Response:
@@ -325,8 +323,8 @@ def test_runner_killed_during_non_stream_request(start_server):
     idle = cpu_seconds(runner)
 
     def kill_once_generating() -> None:
-        # Greedy, this counting never ends before max_tokens: kill once the runner is busy.
-        deadline = time.monotonic() + 60
+        # Greedy, this prompt runs for ~400 tokens (seconds): kill once the runner is busy.
+        deadline = time.monotonic() + 30
         while cpu_seconds(runner) < idle + 0.3 and time.monotonic() < deadline:
             time.sleep(0.02)
         os.kill(runner, signal.SIGKILL)
@@ -334,7 +332,7 @@ def test_runner_killed_during_non_stream_request(start_server):
     killer = threading.Thread(target=kill_once_generating)
     killer.start()
     with srv.client() as client:
-        response = generate(client, messages=COUNTING, max_tokens=4000, **GREEDY)
+        response = generate(client, messages="Tell a very long story.", max_tokens=3000, **GREEDY)
         killer.join()
         assert response.status_code == 502
         assert "SIGKILL" in response.json()["error"]

@@ -140,10 +140,6 @@ def test_runner_killed_with_three_requests_in_flight(start_server):
         assert client.get("/current_model").json() == {"error": "No model is currently loaded."}
 
 
-# Greedy, the default model counts on and on: a stream that only ends when closed.
-ENDLESS = {"messages": "Count from 1 to 10000, one number per line.", "max_tokens": 4000, **GREEDY}
-
-
 def assert_one_request_at_a_time(srv) -> None:
     """A second stream sent while a first runs gets its first token only once the first is
     closed: the order of events, not times, shows the requests did not run side by side."""
@@ -157,7 +153,7 @@ def assert_one_request_at_a_time(srv) -> None:
                 events.append("second answers")
 
     requests_seen = srv.log().count('"POST /generate')
-    with srv.client() as client, client.stream("POST", "/generate", json={**ENDLESS, "stream": True}) as response:
+    with srv.client() as client, client.stream("POST", "/generate", json={**LONG, "stream": True}) as response:
         chunks = (line for line in response.iter_lines() if line)
         next(chunks)
         waiter = threading.Thread(target=second)

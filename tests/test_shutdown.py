@@ -9,6 +9,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from faults_support import DIALECTS, process_gone, stream_then, wait_until
+from rkllm_support import double_env, rkllm_doubles, rkllm_models_dir
+
+__all__ = ["rkllm_doubles"]  # the fixture, imported for pytest
 
 SHUTTING_DOWN = "The server is shutting down; this request was stopped. Retry once it is back."
 
@@ -35,4 +38,18 @@ def test_sigkill_during_generation_leaves_no_runner(start_server):
     assert end == "cut"
     # The runner loses its socket (and its parent): it stops at the next token and exits,
     # instead of generating the 4000 tokens nobody will read.
+    assert wait_until(lambda: process_gone(runner), seconds=30)
+
+
+def test_sigkill_leaves_no_runner_even_when_the_answer_would_take_minutes(start_server, tmp_path, rkllm_doubles):
+    """On the rkllm double at 100 ms a word, this echo takes ~3 minutes: a runner that went
+    on answering a dead server would outlive the deadline by far."""
+    models = rkllm_models_dir(tmp_path / "models", "slow.rkllm")
+    env = double_env(rkllm_doubles["1.3"], RKLLM_DOUBLE_DELAY_MS="100")
+    srv = start_server(models_dir=models, args=["--no-default", "--model", "slow.rkllm"], env=env)
+    (runner,) = srv.runner_pids()
+    body = {"messages": "word " * 2000, "stream": True, "max_tokens": 4000}
+    with srv.client() as client, client.stream("POST", "/generate", json=body) as response:
+        assert next(line for line in response.iter_lines() if line)
+        os.kill(srv.process.pid, signal.SIGKILL)
     assert wait_until(lambda: process_gone(runner), seconds=30)

@@ -239,6 +239,8 @@ class Scheduler:
         clear error, so each stream gets its final chunk before connections close."""
         self._shutting_down = True
         for model in list(self._loaded.values()):
+            if model.busy:
+                log.info("Shutting down: stopping %d request(s) to %s", model.runner.pending, model.name)
             await model.runner.interrupt(ServerShuttingDown())
 
     async def shutdown(self) -> None:

@@ -72,7 +72,7 @@ class RunnerProcess:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._permits = asyncio.Semaphore(1)  # resized to info.parallel once loaded
-        self._inboxes: dict[int, asyncio.Queue[dict[str, Any] | RunnerError]] = {}
+        self._inboxes: dict[int, asyncio.Queue[dict[str, Any] | RkllamaError]] = {}
         self._dead: RunnerError | None = None
         self._fault: RunnerError | None = None  # why we killed it, when we did
         self._interrupted: RkllamaError | None = None  # why requests are being cancelled (shutdown)
@@ -230,7 +230,7 @@ class RunnerProcess:
         )
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[tuple[int, asyncio.Queue[dict[str, Any] | RunnerError]]]:
+    async def _slot(self) -> AsyncIterator[tuple[int, asyncio.Queue[dict[str, Any] | RkllamaError]]]:
         """A permit to run one request, its id and the queue its messages arrive in."""
         if self._draining:
             raise ModelUnloading(f"Model {self.spec.name} is being unloaded; send the request again to load it again.")
@@ -243,7 +243,7 @@ class RunnerProcess:
                 if self._interrupted is not None:
                     raise self._interrupted
                 request_id = next(self._ids)
-                inbox: asyncio.Queue[dict[str, Any] | RunnerError] = asyncio.Queue()
+                inbox: asyncio.Queue[dict[str, Any] | RkllamaError] = asyncio.Queue()
                 self._inboxes[request_id] = inbox
                 try:
                     yield request_id, inbox
@@ -282,22 +282,23 @@ class RunnerProcess:
                         finished = True
                         raise _request_error(message)
             finally:
-                if not finished and self.alive:
+                if not finished and self.alive and self._interrupted is None:
                     # The client went away (or the task was cancelled): stop the runner's
                     # work. Shielded, since awaits in a cancelled scope would be cancelled too.
+                    # (An interrupt has sent the cancel already and does not wait for it.)
                     with anyio.CancelScope(shield=True):
                         await self._cancel(request_id, inbox)
 
     @staticmethod
-    async def _next(inbox: asyncio.Queue[dict[str, Any] | RunnerError]) -> dict[str, Any]:
+    async def _next(inbox: asyncio.Queue[dict[str, Any] | RkllamaError]) -> dict[str, Any]:
         """The request's next message; the runner's death once it has died."""
         message = await inbox.get()
-        if isinstance(message, RunnerError):
+        if isinstance(message, RkllamaError):
             inbox.put_nowait(message)  # whoever reads next hears it too
             raise message
         return message
 
-    async def _cancel(self, request_id: int, inbox: asyncio.Queue[dict[str, Any] | RunnerError]) -> None:
+    async def _cancel(self, request_id: int, inbox: asyncio.Queue[dict[str, Any] | RkllamaError]) -> None:
         """Stop the request and wait for its end, so that its permit is free only once the runner is."""
         try:
             await self._send({"op": "cancel", "id": request_id})
@@ -311,7 +312,7 @@ class RunnerProcess:
                     self.spec.name,
                     message["usage"]["completion_tokens"],
                 )
-        except (RunnerError, TimeoutError):
+        except (RkllamaError, TimeoutError):
             log.warning("Runner of %s did not stop after cancel; killing it", self.spec.name)
             await self.kill()
 
@@ -346,10 +347,12 @@ class RunnerProcess:
             return self.pending == 0
 
     async def interrupt(self, reason: RkllamaError) -> None:
-        """End every request with `reason`: generations stop at their next token (the
-        server is shutting down). Requests still waiting for a permit get it at once."""
+        """End every request with `reason` now (the server is shutting down), without
+        waiting for the runner, which may be slow or stuck: it is told to cancel them, and
+        requests still waiting for a permit get `reason` as soon as they have one."""
         self._interrupted = reason
-        for request_id in list(self._inboxes):
+        for request_id, inbox in list(self._inboxes.items()):
+            inbox.put_nowait(reason)
             with contextlib.suppress(RunnerError):
                 await self._send({"op": "cancel", "id": request_id})
 
