@@ -73,12 +73,21 @@ def load_sequence() -> dict[str, Any]:
     return json.loads(captured[-1].read_text()) if captured else synthetic_sequence()
 
 
+def is_unload(request: dict[str, Any]) -> bool:
+    return request["path"] == "/api/generate" and (request.get("body") or {}).get("keep_alive") == 0
+
+
 def predecessors(request: dict[str, Any], requests: list[dict[str, Any]]) -> list[int]:
-    """The requests that had ended before this one started, in the capture."""
+    """The requests that had ended before this one started, in the capture. The unload waits
+    for every earlier request that ended at all: the user pressed it once the chat was done
+    (on the slow capture machine a side task was still running then)."""
+    before = request["t_start_ms"]
     return [
         other["seq"]
         for other in requests
-        if other["t_end_ms"] is not None and other["t_end_ms"] <= request["t_start_ms"] and other is not request
+        if other["t_end_ms"] is not None
+        and other is not request
+        and (other["t_end_ms"] <= before or (is_unload(request) and other["t_start_ms"] < before))
     ]
 
 
@@ -194,11 +203,7 @@ def test_the_follow_up_turn_reuses_its_cached_prefix(replayed: list[dict[str, An
 
 
 def test_keep_alive_0_unloads_the_model(replayed: list[dict[str, Any]]) -> None:
-    unloads = [
-        i
-        for i, r in enumerate(replayed)
-        if r["request"]["path"] == "/api/generate" and (r["request"]["body"] or {}).get("keep_alive") == 0
-    ]
+    unloads = [i for i, r in enumerate(replayed) if is_unload(r["request"])]
     assert unloads
     assert replayed[unloads[-1]]["final"]["done_reason"] == "unload"
     # /api/ps after the unload, until the next request that loads the model again.
