@@ -3,10 +3,14 @@ actionable errors, resume, checksum, concurrency, and a pulled GGUF that loads a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import queue
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -352,3 +356,69 @@ def test_a_file_changed_upstream_never_resumes_onto_old_bytes(hub: HubEmulator, 
     assert "range" not in hub.downloads("test-user/changing", "changing.gguf")[-1].headers
     assert (pull_server.models_dir / "changing" / "changing.gguf").read_bytes() == new_data
     assert not (pull_server.models_dir / ".pulls").exists()
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` (needs root), unmounted afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write into `path` until its filesystem is full."""
+    with path.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def test_disk_filling_up_during_a_pull_is_a_clear_error(hub: HubEmulator, start_server, tmp_path: Path) -> None:
+    data = random_bytes(4 * MB)
+    hub.add_file("test-user/filling", "filling.gguf", data)
+    hub.hold_at("filling.gguf", MB)
+    with small_filesystem(tmp_path / "small", "6m") as disk:
+        models = disk / "models"
+        models.mkdir()
+        srv = start_server(
+            models_dir=models, args=["--no-default"], env=hub_env(hub.url, tmp_path / "hf-home"), expect_model=False
+        )
+        try:
+            thread, lines = _pull_in_thread(srv, "hf/test-user/filling/filling.gguf")
+            seen: list[str] = []
+            while not seen or not (PERCENT.match(seen[-1]) and 0 < int(seen[-1][:-1]) < 100):
+                line = lines.get(timeout=60)
+                assert line is not None, seen
+                seen.append(line)
+            # Enough room when the pull began; something else takes it all while the pull waits.
+            fill(disk / "filler")
+            hub.release()
+            seen += _drain(lines)
+            thread.join(60)
+
+            assert seen[-1] == (
+                "Error during download: The disk is full: free some space (e.g. rkllama rm <model>) and pull again."
+            )
+            assert "100%" not in seen
+            assert snapshot(models) == []  # no partial file, no staging folder, no model
+            with srv.client() as client:
+                assert client.get("/models").json() == {"models": []}
+                (disk / "filler").unlink()
+                status, again, _ = pull(srv, "hf/test-user/filling/filling.gguf")
+                assert status == 200 and again[-1] == "100%"
+                assert client.get("/models").json() == {"models": ["filling"]}
+            assert (models / "filling" / "filling.gguf").read_bytes() == data
+        finally:
+            hub.release()
+            srv.stop()

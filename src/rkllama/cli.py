@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, server_url
@@ -227,17 +228,27 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def _reply(client: RkllamaClient, messages: list[dict[str, str]], options: dict[str, object]) -> str:
+def _print_usage(usage: dict[str, Any]) -> None:
+    """`--verbose`: the token counts of a reply, on stderr, as `ollama run --verbose` shows them."""
+    print(f"prompt eval count:    {usage.get('prompt_tokens')} token(s)", file=sys.stderr)
+    print(f"eval count:           {usage.get('completion_tokens')} token(s)", file=sys.stderr)
+    print(f"eval rate:            {usage.get('tokens_per_second')} tokens/s", file=sys.stderr)
+
+
+def _reply(client: RkllamaClient, messages: list[dict[str, str]], options: dict[str, object], verbose: bool) -> str:
     """Print the reply as it streams; Ctrl-C stops it and keeps what was said."""
     parts: list[str] = []
+    usage: dict[str, Any] = {}
     try:
-        for piece in client.chat(messages, options):
+        for piece in client.chat(messages, options, on_usage=usage.update):
             parts.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
     print()
+    if verbose and usage:
+        _print_usage(usage)
     return "".join(parts)
 
 
@@ -268,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.system:
             messages.append({"role": "system", "content": args.system})
         if args.prompt:
-            _reply(client, [*messages, {"role": "user", "content": " ".join(args.prompt)}], options)
+            _reply(client, [*messages, {"role": "user", "content": " ".join(args.prompt)}], options, args.verbose)
             return 0
         for prompt in _prompts(sys.stdin.isatty()):
             if prompt.strip() in {"/bye", "/exit"}:
@@ -276,7 +287,7 @@ def _run(args: argparse.Namespace) -> int:
             if not prompt.strip():
                 continue
             messages.append({"role": "user", "content": prompt})
-            messages.append({"role": "assistant", "content": _reply(client, messages, options)})
+            messages.append({"role": "assistant", "content": _reply(client, messages, options, args.verbose)})
     return 0
 
 
@@ -312,6 +323,7 @@ def add_client_parsers(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-tokens", type=int, help="longest reply, in tokens")
     run.add_argument("--temperature", type=float)
     run.add_argument("--seed", type=int)
+    run.add_argument("--verbose", action="store_true", help="after each reply, print its token counts (stderr)")
 
 
 _HINTS = {404: " (see `rkllama list`)", 409: " (try again when it is done)"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -209,8 +209,14 @@ class RkllamaClient:
         except ServerError as exc:
             raise ServerError(str(exc).removeprefix(PULL_ERROR_PREFIX), exc.status) from None
 
-    def chat(self, messages: list[dict[str, str]], options: dict[str, Any]) -> Iterator[str]:
-        """Stream the reply to `messages` from the current model, piece by piece."""
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        on_usage: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Iterator[str]:
+        """Stream the reply to `messages` from the current model, piece by piece;
+        `on_usage` gets the final chunk's token counts."""
         payload = {"messages": messages, "stream": True, **options}
         for line in self._stream_lines("/generate", payload):
             if not line.strip():
@@ -221,3 +227,6 @@ class RkllamaClient:
             for choice in chunk.get("choices", []):
                 if choice.get("content"):
                     yield choice["content"]
+            usage = chunk.get("usage") or {}
+            if on_usage is not None and usage.get("prompt_tokens") is not None:
+                on_usage(usage)

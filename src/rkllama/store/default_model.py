@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .inside import is_inside, write_text_inside
 from .modelfile import MODELFILE_NAME, Modelfile
 from .models_dir import ModelStore
 
@@ -43,9 +44,15 @@ def install_default_model(store: ModelStore) -> str | None:
         return None
     folder = store.root / DEFAULT_MODEL_NAME
     target = folder / DEFAULT_MODEL_FILE
+    store.ensure_exists()
+    if not is_inside(folder, store.root) or not is_inside(target, store.root):
+        log.warning("%s in the models directory links elsewhere; the default model is not installed", folder.name)
+        return None
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".tmp")
+        partial = target.with_name(f".{target.name}.tmp")
+        if os.path.lexists(partial):
+            partial.unlink()
         try:
             os.link(source, partial)
             how = "linked"
@@ -55,7 +62,7 @@ def install_default_model(store: ModelStore) -> str | None:
         partial.replace(target)
         log.info("Default model %s %s into %s", DEFAULT_MODEL_NAME, how, folder)
     modelfile_path = folder / MODELFILE_NAME
-    if not modelfile_path.exists():
+    if not os.path.lexists(modelfile_path):
         modelfile = Modelfile(
             {
                 "FROM": DEFAULT_MODEL_FILE,
@@ -65,5 +72,5 @@ def install_default_model(store: ModelStore) -> str | None:
                 "MAX_NEW_TOKENS": "512",
             }
         )
-        modelfile_path.write_text(modelfile.render(), encoding="utf-8")
+        write_text_inside(modelfile_path, modelfile.render())
     return DEFAULT_MODEL_NAME

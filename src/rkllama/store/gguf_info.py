@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..errors import BadRequest
+from .inside import read_text_inside
+
 # llama.cpp's `general.file_type` (enum llama_ftype) -> the quantization name Ollama shows.
 FILE_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
@@ -153,12 +156,13 @@ def _sha256(path: Path) -> str:
 
 
 DIGESTS_FILE = ".digests.json"
+MAX_DIGESTS_BYTES = 16 * 1024 * 1024
 
 
 def _load_digests(root: Path) -> dict[str, str]:
     try:
-        data = json.loads((root / DIGESTS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_text_inside(root / DIGESTS_FILE, root, limit=MAX_DIGESTS_BYTES))
+    except (OSError, ValueError, BadRequest):  # missing, unreadable or a link to elsewhere: start afresh
         return {}
     return (
         {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..errors import BadRequest
 from ..types import SamplingOptions
+from .inside import describe_os_error, read_text_inside, relative
+from .name_rules import shown
 
 MODELFILE_NAME = "Modelfile"
 
@@ -82,11 +84,11 @@ def parse_modelfile(text: str, source: str = MODELFILE_NAME) -> Modelfile:
         if not line or line.startswith("#"):
             continue
         if "=" not in line:
-            raise BadRequest(f"{source} line {number}: expected KEY=VALUE, got {line!r}.")
+            raise BadRequest(f"{source} line {number}: expected KEY=VALUE, got {shown(line)}.")
         key, value = line.split("=", 1)
         key = key.strip().upper()
         if not key.replace("_", "").isalnum():
-            raise BadRequest(f"{source} line {number}: {key!r} is not a valid key.")
+            raise BadRequest(f"{source} line {number}: {shown(key)} is not a valid key.")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
@@ -94,11 +96,14 @@ def parse_modelfile(text: str, source: str = MODELFILE_NAME) -> Modelfile:
     return Modelfile(values)
 
 
-def read_modelfile(path: Path) -> Modelfile:
-    if not path.is_file():
-        return Modelfile()
+def read_modelfile(path: Path, root: Path) -> Modelfile:
+    """The Modelfile at `path`, which must resolve inside the models directory `root`."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Cannot read {path.name}: {exc}.") from None
-    return parse_modelfile(text, source=str(path.name))
+        text = read_text_inside(path, root)
+    except FileNotFoundError:
+        return Modelfile()
+    except UnicodeDecodeError:
+        raise BadRequest(f"Cannot read {relative(path, root)}: it is not UTF-8 text.") from None
+    except OSError as exc:
+        raise BadRequest(f"Cannot read {relative(path, root)}: {describe_os_error(exc, root)}.") from None
+    return parse_modelfile(text, source=relative(path, root))

@@ -7,13 +7,16 @@ is one path component and never resolves outside the directory, symlinks include
 
 from __future__ import annotations
 
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import BadRequest, ModelNotFound
+from .inside import OutsideModelsDir, is_inside, relative
 from .modelfile import MODELFILE_NAME, Modelfile, read_modelfile
+from .name_rules import check_store_name, name_problem, shown
 
 MODEL_SUFFIXES = {".gguf": "gguf", ".rkllm": "rkllm"}
 # Files a pull is still writing; never listed.
@@ -27,14 +30,9 @@ class ModelEntry:
     format: str  # "gguf" or "rkllm": picks the engine
     modelfile: Modelfile
     folder: Path | None = None
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    @property
-    def modified(self) -> datetime:
-        return datetime.fromtimestamp(self.path.stat().st_mtime, tz=UTC)
+    # Read once when the entry is made, so a listing never stats a file deleted meanwhile.
+    size: int = 0
+    modified: datetime = field(default_factory=lambda: datetime.fromtimestamp(0, tz=UTC))
 
 
 def model_format(path: Path) -> str | None:
@@ -42,15 +40,19 @@ def model_format(path: Path) -> str | None:
 
 
 def check_model_name(name: object) -> str:
-    """Refuse names that are not a single, plain path component."""
+    """Refuse names that are not a single, plain, visible path component (see name_rules)."""
     if not isinstance(name, str) or not name.strip():
         raise BadRequest("The model name must be a non-empty string.")
-    if name in {".", ".."} or "/" in name or "\\" in name or "\x00" in name:
-        raise BadRequest(
-            f"Invalid model name {name!r}: a model name is a file or folder name inside "
-            "the models directory, without '/', '\\' or '..'."
-        )
-    return name
+    return check_store_name(name)
+
+
+def _is_model_file(path: Path) -> bool:
+    return (
+        model_format(path) is not None
+        and not path.name.startswith(".")
+        and not path.name.endswith(PARTIAL_SUFFIXES)
+        and path.is_file()
+    )
 
 
 class ModelStore:
@@ -63,28 +65,26 @@ class ModelStore:
     def exists(self) -> bool:
         return self.root.is_dir()
 
-    def _inside(self, path: Path) -> bool:
-        try:
-            path.resolve().relative_to(self.root.resolve())
-        except ValueError:
-            return False
-        return True
-
     def _guarded(self, path: Path, name: str) -> Path:
-        if not self._inside(path):
-            raise BadRequest(f"Invalid model name {name!r}: it points outside the models directory.")
+        if not is_inside(path, self.root):
+            raise OutsideModelsDir(
+                f"Model {shown(name)} points outside the models directory "
+                f"({relative(path, self.root)} is a link to elsewhere); RKLLama only uses files inside it."
+            )
         return path
 
     def list_models(self) -> list[ModelEntry]:
+        """The models, sorted by name; hidden names, links to elsewhere and entries that
+        vanish while being read (a delete beside the listing) are left out."""
         if not self.exists():
             return []
         entries = []
         for child in sorted(self.root.iterdir(), key=lambda p: p.name.lower()):
-            if not self._inside(child) or child.name.startswith("."):
+            if name_problem(child.name) is not None:
                 continue
             try:
                 entries.append(self._entry(child, child.name))
-            except (ModelNotFound, BadRequest):
+            except (ModelNotFound, BadRequest, OSError):
                 continue
         return entries
 
@@ -94,41 +94,46 @@ class ModelStore:
     def resolve(self, name: object) -> ModelEntry:
         checked = check_model_name(name)
         candidate = self.root / checked
-        if not candidate.exists() and not candidate.is_symlink():
-            raise ModelNotFound(checked)
-        self._guarded(candidate, checked)
-        return self._entry(candidate, checked)
+        try:
+            if not os.path.lexists(candidate):
+                raise ModelNotFound(checked)
+            return self._entry(candidate, checked)
+        except FileNotFoundError:  # deleted while we looked
+            raise ModelNotFound(checked) from None
 
     def _entry(self, candidate: Path, name: str) -> ModelEntry:
+        self._guarded(candidate, name)
         if candidate.is_file():
-            fmt = model_format(candidate)
-            if fmt is None or candidate.name.endswith(PARTIAL_SUFFIXES):
+            if not _is_model_file(candidate):
                 raise ModelNotFound(name)
-            return ModelEntry(name=name, path=candidate, format=fmt, modelfile=Modelfile())
+            return self._made(name, candidate, Modelfile(), None)
         if candidate.is_dir():
-            modelfile = read_modelfile(candidate / MODELFILE_NAME)
-            model_file = self._model_file_in(candidate, modelfile, name)
-            return ModelEntry(
-                name=name,
-                path=model_file,
-                format=model_format(model_file) or "gguf",
-                modelfile=modelfile,
-                folder=candidate,
-            )
+            modelfile = read_modelfile(candidate / MODELFILE_NAME, self.root)
+            return self._made(name, self._model_file_in(candidate, modelfile, name), modelfile, candidate)
         raise ModelNotFound(name)
+
+    def _made(self, name: str, path: Path, modelfile: Modelfile, folder: Path | None) -> ModelEntry:
+        info = path.stat()
+        return ModelEntry(
+            name=name,
+            path=path,
+            format=model_format(path) or "gguf",
+            modelfile=modelfile,
+            folder=folder,
+            size=info.st_size,
+            modified=datetime.fromtimestamp(info.st_mtime, tz=UTC),
+        )
 
     def _model_file_in(self, folder: Path, modelfile: Modelfile, name: str) -> Path:
         wanted = modelfile.get("FROM")
         if wanted:
-            check_model_name(Path(wanted).name)
-            path = folder / Path(wanted).name
-            if path.is_file() and model_format(path):
+            file_name = Path(wanted).name
+            if name_problem(file_name) is not None:
+                raise BadRequest(f"{name}/{MODELFILE_NAME}: FROM={shown(wanted)} is not a file name in the folder.")
+            path = folder / file_name
+            if _is_model_file(path):
                 return self._guarded(path, name)
-        found = [
-            p
-            for p in sorted(folder.iterdir())
-            if p.is_file() and model_format(p) and not p.name.endswith(PARTIAL_SUFFIXES)
-        ]
+        found = [p for p in sorted(folder.iterdir()) if _is_model_file(p)]
         if not found:
             raise ModelNotFound(name, f"Model {name} has no .gguf or .rkllm file in its folder.")
         return self._guarded(found[0], name)
@@ -136,8 +141,11 @@ class ModelStore:
     def delete(self, name: object) -> ModelEntry:
         entry = self.resolve(name)
         target = entry.folder or entry.path
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
+        try:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        except FileNotFoundError:  # a delete beside this one got there first
+            raise ModelNotFound(entry.name) from None
         return entry

@@ -11,15 +11,18 @@ The store names a model by its file or folder name (`SmolLM2-135M-Instruct`,
   one starting with `family-tag-` (so `smollm2:135m` finds `SmolLM2-135M-Instruct`);
 - a new name (copy, create) is stored as a folder named like the request minus `:latest`.
 
-Matching is done against the listed names only, so a request never reaches a path.
+Matching is done against the listed names only, so a request never reaches a path. Names
+that can never be a model (too long, hidden, control characters; see name_rules.py) are a 400
+before any matching; `model 'x' not found` (404) is for well-formed names that are not here.
 """
 
 from __future__ import annotations
 
+import os
+
 from ..errors import BadRequest, Conflict, ModelNotFound
 from .models_dir import MODEL_SUFFIXES, ModelEntry, ModelStore, check_model_name
-
-LATEST = ":latest"
+from .name_rules import LATEST, check_requested_name, shown
 
 
 def _strip_suffix(name: str) -> str:
@@ -59,7 +62,7 @@ def _match(requested: str, names: list[str]) -> str | None:
         if len(prefixed) == 1:
             return prefixed[0]
         if len(prefixed) > 1:
-            raise BadRequest(f"Model name {requested!r} is ambiguous: it matches {', '.join(sorted(prefixed))}.")
+            raise BadRequest(f"Model name {shown(requested)} is ambiguous: it matches {', '.join(sorted(prefixed))}.")
     return None
 
 
@@ -67,9 +70,10 @@ def resolve_model(store: ModelStore, requested: object) -> ModelEntry:
     """The store entry a dialect's model name means, or ModelNotFound (404)."""
     if not isinstance(requested, str) or not requested.strip():
         raise BadRequest("'model' is required: the name of a model, as listed by /api/tags or /v1/models.")
-    matched = _match(requested.strip(), store.names())
+    wanted = check_requested_name(requested.strip())
+    matched = _match(wanted, store.names())
     if matched is None:
-        raise ModelNotFound(requested, f"model '{requested}' not found")
+        raise ModelNotFound(wanted, f"model '{wanted}' not found")
     return store.resolve(matched)
 
 
@@ -80,9 +84,9 @@ def new_store_name(store: ModelStore, requested: object) -> str:
     name = requested.strip()
     name = name[: -len(LATEST)] if name.endswith(LATEST) else name
     check_model_name(name)
-    if name.startswith(".") or _strip_suffix(name) != name:
-        raise BadRequest(f"Invalid model name {requested!r}: it must not start with '.' or end with a model suffix.")
+    if _strip_suffix(name) != name:
+        raise BadRequest(f"Invalid model name {shown(requested)}: it must not end with a model suffix.")
     taken = {n.lower() for n in store.names()} | {_strip_suffix(n).lower() for n in store.names()}
-    if name.lower() in taken or (store.root / name).exists():
-        raise Conflict(f"A model named {requested!r} already exists; delete it first.")
+    if name.lower() in taken or os.path.lexists(store.root / name):
+        raise Conflict(f"A model named {shown(requested)} already exists; delete it first.")
     return name

@@ -23,8 +23,10 @@ import errno
 import functools
 import hashlib
 import logging
+import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,8 +48,10 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers
 
 from ..errors import BadRequest
+from .inside import describe_os_error, is_inside, write_text_inside
 from .modelfile import MODELFILE_NAME, Modelfile, read_modelfile
 from .models_dir import MODEL_SUFFIXES, ModelStore, check_model_name
+from .name_rules import name_problem, shown
 from .pulls import registry_for
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
 _POLL_SECONDS = 0.2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
+# A Hugging Face path: user (96), repo (96) and a file path; more is no hub's.
+MAX_REF_CHARS = 1024
 
 
 class PullError(BadRequest):
@@ -103,19 +109,22 @@ class PullProgress:
 def parse_pull_ref(ref: object) -> PullRef:
     if not isinstance(ref, str) or not ref.strip():
         raise PullError("'model' must be a Hugging Face path such as hf/username/repo/file.gguf.")
+    if len(ref) > MAX_REF_CHARS:
+        raise PullError(f"Invalid model path {shown(ref)}: longer than {MAX_REF_CHARS} characters.")
     parts = [p for p in ref.strip().split("/") if p]
     if parts and parts[0] == "hf":
         parts = parts[1:]
     if len(parts) < 3:
-        raise PullError(f"Invalid model path {ref!r}: expected hf/username/repo/file (or username/repo/file).")
-    if any(p in {".", ".."} or "\\" in p or "\x00" in p for p in parts):
-        raise PullError(f"Invalid model path {ref!r}: '.', '..' and '\\' are not allowed in a Hugging Face path.")
+        raise PullError(f"Invalid model path {shown(ref)}: expected hf/username/repo/file (or username/repo/file).")
+    if any(p in {".", ".."} for p in parts):
+        raise PullError(f"Invalid model path {shown(ref)}: '.' and '..' are not allowed in a Hugging Face path.")
+    for part in parts:
+        if problem := name_problem(part):
+            raise PullError(f"Invalid model path {shown(ref)}: in {shown(part)}, {problem}.")
     pull_ref = PullRef(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
     if Path(pull_ref.filename).suffix.lower() not in MODEL_SUFFIXES:
-        raise PullError(f"Cannot pull {pull_ref.filename}: only .gguf and .rkllm model files can be pulled.")
+        raise PullError(f"Cannot pull {shown(pull_ref.filename)}: only .gguf and .rkllm model files can be pulled.")
     check_model_name(pull_ref.model_name)
-    if pull_ref.model_name.startswith("."):
-        raise PullError(f"Cannot pull {pull_ref.filename}: a model name cannot start with '.' (it would be hidden).")
     return pull_ref
 
 
@@ -135,7 +144,7 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def explain(exc: BaseException, ref: PullRef) -> str:
+def explain(exc: BaseException, ref: PullRef, root: Path | None = None) -> str:
     """A message a person can act on, for any failure of a hub request."""
     endpoint = _endpoint()
     if isinstance(exc, GatedRepoError):
@@ -162,8 +171,10 @@ def explain(exc: BaseException, ref: PullRef) -> str:
         return "Hugging Face offline mode is on (HF_HUB_OFFLINE): unset it to pull models."
     if isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError):
         return f"Cannot reach {endpoint} ({type(exc).__name__}: {exc}). Check the network connection or HF_ENDPOINT."
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "The disk is full: free some space (e.g. rkllama rm <model>) and pull again."
+    if isinstance(exc, OSError):
+        return f"Cannot write the download into the models directory ({describe_os_error(exc, root)})."
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -245,12 +256,16 @@ def _verify(path: Path, remote: RemoteFile) -> None:
 
 def _download(remote: RemoteFile, part: Path, watch: _Watch) -> None:
     """Append the missing bytes of `remote` to `part` (resuming from its size), then verify."""
-    resume = part.stat().st_size if part.exists() else 0
+    if part.is_symlink():
+        part.unlink()  # not ours: downloads are plain files
+    resume = _resume_size(part)
     if resume > remote.size:
         part.unlink()
         resume = 0
     watch.completed = resume
-    with part.open("r+b" if resume else "wb") as handle:
+    # O_NOFOLLOW: the bytes go into this very file, never through a link planted in its place.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if resume else os.O_TRUNC)
+    with os.fdopen(os.open(part, flags, 0o644), "wb") as handle:
         handle.seek(resume)
         http_get(
             remote.url,
@@ -272,14 +287,12 @@ def _resumable(exc: BaseException) -> bool:
     return isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code >= 500
 
 
-def _write_modelfile(folder: Path, ref: PullRef) -> None:
+def _write_modelfile(folder: Path, ref: PullRef, root: Path) -> None:
     """FROM and HUGGINGFACE_PATH record the origin; other keys a user set are kept on update."""
-    existing = read_modelfile(folder / MODELFILE_NAME)
+    existing = read_modelfile(folder / MODELFILE_NAME, root)
     values = {"FROM": ref.basename, "HUGGINGFACE_PATH": ref.repo_id}
     values.update({k: v for k, v in existing.values.items() if k not in values})
-    temp = folder / f".{MODELFILE_NAME}.tmp"
-    temp.write_text(Modelfile(values).render(), encoding="utf-8")
-    temp.replace(folder / MODELFILE_NAME)
+    write_text_inside(folder / MODELFILE_NAME, Modelfile(values).render())
 
 
 def _fetch_tokenizer_files(ref: PullRef, folder: Path) -> None:
@@ -302,9 +315,9 @@ def _fetch_tokenizer_files(ref: PullRef, folder: Path) -> None:
             (folder / f".{Path(info.path).name}.part").unlink(missing_ok=True)
 
 
-def _owned_by(folder: Path, ref: PullRef) -> bool:
+def _owned_by(folder: Path, ref: PullRef, root: Path) -> bool:
     try:
-        modelfile = read_modelfile(folder / MODELFILE_NAME)
+        modelfile = read_modelfile(folder / MODELFILE_NAME, root)
     except BadRequest:  # an unreadable Modelfile: not provably ours, so never overwritten
         return False
     return modelfile.get("HUGGINGFACE_PATH") == ref.repo_id and modelfile.get("FROM") in (None, "", ref.basename)
@@ -313,7 +326,7 @@ def _owned_by(folder: Path, ref: PullRef) -> bool:
 def check_target(store: ModelStore, ref: PullRef) -> None:
     """Refuse to overwrite a model of the same name that came from somewhere else."""
     target = store.root / ref.model_name
-    if target.is_symlink() or target.is_file() or (target.is_dir() and not _owned_by(target, ref)):
+    if target.is_symlink() or target.is_file() or (target.is_dir() and not _owned_by(target, ref, store.root)):
         raise PullError(
             f"A model named {ref.model_name} already exists and did not come from {ref.repo_id}/{ref.basename}: "
             f"remove it first (rkllama rm {ref.model_name})."
@@ -325,22 +338,31 @@ def _install(store: ModelStore, ref: PullRef, part: Path) -> None:
     target = store.root / ref.model_name
     if target.is_dir():
         part.replace(target / ref.basename)
-        _write_modelfile(target, ref)
+        _write_modelfile(target, ref, store.root)
         return
     build = part.with_name(f"{ref.model_name}.build")
-    shutil.rmtree(build, ignore_errors=True)
+    _remove(build)
     build.mkdir()
     part.replace(build / ref.basename)
-    _write_modelfile(build, ref)
+    _write_modelfile(build, ref, store.root)
     if ref.basename.lower().endswith(".rkllm"):
         _fetch_tokenizer_files(ref, build)
     build.rename(target)
 
 
+def _remove(path: Path) -> None:
+    """Whatever is at `path`: a folder with its contents, or a file or link (never its target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
 def _up_to_date(store: ModelStore, ref: PullRef, remote: RemoteFile) -> bool:
     installed = store.root / ref.model_name / ref.basename
     return (
-        installed.is_file()
+        is_inside(installed, store.root)
+        and installed.is_file()
         and installed.stat().st_size == remote.size
         and file_digest(installed, remote.etag) in (remote.etag, None)
     )
@@ -348,6 +370,7 @@ def _up_to_date(store: ModelStore, ref: PullRef, remote: RemoteFile) -> bool:
 
 def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _Watch) -> None:
     registry = registry_for(store)
+    check_staging(store)
     with registry.target_lock(ref.model_name), registry.staging(store.root / STAGING_DIR) as staging:
         check_target(store, ref)
         if _up_to_date(store, ref, remote):
@@ -367,7 +390,7 @@ def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _
                 raise
             if isinstance(exc, _PullCancelled):
                 raise PullError(f"The pull of {ref.basename} was cancelled; pull again to resume.") from None
-            message = explain(exc, ref)
+            message = explain(exc, ref, store.root)
             if _resumable(exc):
                 message += " Pull again to resume the download."
             raise PullError(message) from None
@@ -375,12 +398,23 @@ def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _
 
 def check_disk_space(store: ModelStore, ref: PullRef, remote: RemoteFile) -> None:
     part = _part_path(store, ref, remote)
-    missing = remote.size - (part.stat().st_size if part.exists() else 0)
+    missing = remote.size - _resume_size(part)
     free = shutil.disk_usage(store.root).free
     if missing > free:
         raise PullError(
             f"Not enough disk space for {ref.basename}: {missing / 1e6:.0f} MB needed, "
-            f"{free / 1e6:.0f} MB free in {store.root}. Free some space (e.g. rkllama rm <model>) and pull again."
+            f"{free / 1e6:.0f} MB free in the models directory. Free some space (e.g. rkllama rm <model>) "
+            "and pull again."
+        )
+
+
+def check_staging(store: ModelStore) -> None:
+    """Downloads go into <models>/.pulls: a folder of ours, never a link to elsewhere."""
+    staging = store.root / STAGING_DIR
+    if os.path.lexists(staging) and (staging.is_symlink() or not staging.is_dir()):
+        raise PullError(
+            f"{STAGING_DIR} in the models directory is not a folder (or is a link); "
+            "RKLLama keeps its partial downloads there: remove it and pull again."
         )
 
 
@@ -388,6 +422,15 @@ def _part_path(store: ModelStore, ref: PullRef, remote: RemoteFile) -> Path:
     # The etag in the name: a file changed upstream never resumes onto old bytes.
     key = remote.etag[:16] if re.fullmatch(r"[0-9a-f]{16}", remote.etag[:16]) else _sha256_text(remote.etag)[:16]
     return store.root / STAGING_DIR / f"{ref.model_name}.{key}.part"
+
+
+def _resume_size(part: Path) -> int:
+    """Bytes already downloaded into `part`: 0 when there is no plain file there."""
+    try:
+        info = part.lstat()
+    except FileNotFoundError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def _sha256_text(text: str) -> str:
@@ -413,12 +456,13 @@ async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgr
     iterator early cancels the download and keeps its partial file for the next try."""
     store.ensure_exists()
     remote = await asyncio.to_thread(fetch_metadata, ref)
+    check_staging(store)
     check_target(store, ref)
     check_disk_space(store, ref, remote)
     # Only now: a caller awaiting the first event gets every early error as an exception.
     yield PullProgress("pulling manifest", ref.filename, total=remote.size)
     part = _part_path(store, ref, remote)
-    watch = _Watch(total=remote.size, completed=part.stat().st_size if part.exists() else 0)
+    watch = _Watch(total=remote.size, completed=_resume_size(part))
     # Said before the thread starts, so the first progress is where the download resumes.
     yield PullProgress("downloading", ref.filename, total=remote.size, completed=min(watch.completed, remote.size))
     registry = registry_for(store)
