@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -46,6 +47,21 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 def generate_count(srv: RkllamaServer) -> int:
     return srv.log().count('"POST /generate HTTP/1.1" 200')
+
+
+USAGE = re.compile(r"^prompt eval count: +(\d+) token\(s\)\r?\neval count: +(\d+) token\(s\)", re.MULTILINE)
+
+
+def turn_counts(text: str) -> list[tuple[int, int]]:
+    """(prompt tokens, reply tokens) of each reply, from `run --verbose`."""
+    return [(int(prompt), int(reply)) for prompt, reply in USAGE.findall(text)]
+
+
+def assert_history_sent(counts: list[tuple[int, int]]) -> None:
+    """Turn 2's prompt holds turn 1's question and answer: it is longer than both together."""
+    (first_prompt, first_reply), (second_prompt, _) = counts[:2]
+    assert first_reply > 0
+    assert second_prompt > first_prompt + first_reply, counts
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +171,27 @@ def test_run_one_shot_prompt(cli_server: RkllamaServer) -> None:
     assert generate_count(cli_server) == before + 1
 
 
-def test_run_reads_turns_from_stdin_until_bye(cli_server: RkllamaServer) -> None:
+def test_run_sends_each_turn_with_the_history_until_bye(cli_server: RkllamaServer) -> None:
     before = generate_count(cli_server)
     result = rkllama(
-        cli_server, "run", DEFAULT_MODEL_NAME, "--max-tokens", "4", stdin="Hello\nWhat is 2+2?\n/bye\nNot sent\n"
+        cli_server,
+        *("run", DEFAULT_MODEL_NAME, "--verbose", "--max-tokens", "12", "--temperature", "0"),
+        stdin="Tell me about cats.\nHi\n/bye\nNot sent\n",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert generate_count(cli_server) == before + 2  # the line after /bye is never sent
+    counts = turn_counts(result.stderr)
+    assert len(counts) == 2, result.stderr
+    assert_history_sent(counts)
+
+
+def test_run_one_shot_prompt_sends_no_history(cli_server: RkllamaServer) -> None:
+    """`run MODEL PROMPT` twice: two fresh conversations, so the same prompt size."""
+    args = ("run", DEFAULT_MODEL_NAME, "Tell", "me", "about", "cats.", "--verbose", "--max-tokens", "12")
+    first, second = (turn_counts(rkllama(cli_server, *args).stderr) for _ in range(2))
+    assert len(first) == len(second) == 1
+    assert first[0][0] == second[0][0]
 
 
 def test_run_ends_at_end_of_input(cli_server: RkllamaServer) -> None:
@@ -185,13 +214,13 @@ def test_serve_help_still_works(tmp_path: Path) -> None:
         assert command in result.stdout
 
 
-def test_run_on_a_terminal_prompts_and_leaves_with_ctrl_d(cli_server: RkllamaServer) -> None:
+def test_run_on_a_terminal_prompts_keeps_the_history_and_leaves_with_ctrl_d(cli_server: RkllamaServer) -> None:
     """`run` as a person uses it: stdin and stdout are a terminal (a pseudo-terminal here)."""
     before = generate_count(cli_server)
     controller, terminal = pty.openpty()
     env = {**os.environ, "RKLLAMA_HOST": cli_server.base_url, "TERM": "dumb"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "rkllama", "run", DEFAULT_MODEL_NAME, "--max-tokens", "4"],
+        [sys.executable, "-m", "rkllama", "run", DEFAULT_MODEL_NAME, "--max-tokens", "12", "--verbose"],
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
@@ -209,12 +238,15 @@ def test_run_on_a_terminal_prompts_and_leaves_with_ctrl_d(cli_server: RkllamaSer
 
     try:
         read_until(b">>> ", 1)
-        os.write(controller, b"Hello\n")
+        os.write(controller, b"Tell me about cats.\n")
         read_until(b">>> ", 2)  # the reply streamed, then a new prompt
+        os.write(controller, b"Hi\n")
+        read_until(b">>> ", 3)
         os.write(controller, b"\x04")  # Ctrl-D
         assert process.wait(60) == 0
     finally:
         if process.poll() is None:
             process.kill()
         os.close(controller)
-    assert generate_count(cli_server) == before + 1
+    assert generate_count(cli_server) == before + 2
+    assert_history_sent(turn_counts(output.decode(errors="replace")))

@@ -423,17 +423,25 @@ def test_escaping_names_are_refused(start_server, tmp_path, decoy):
     folder.mkdir()
     (folder / "inner.gguf").symlink_to(decoy)
     srv = start_server(models_dir=models, args=["--no-default"], expect_model=False)
-    names = ["../outside/decoy.gguf", str(decoy), "link.gguf", "folder", "..", "sub/../../outside/decoy.gguf"]
+    separator = "a model name is one file or folder name"
+    names = {
+        "../outside/decoy.gguf": separator,
+        str(decoy): separator,
+        "link.gguf": "points outside the models directory",
+        "folder": "points outside the models directory",
+        "..": "hidden files of the models directory",
+        "sub/../../outside/decoy.gguf": separator,
+    }
     with srv.client() as client:
         assert client.get("/models").json() == {"models": []}
-        for name in names:
+        for name, reason in names.items():
             load = client.post("/load_model", json={"model_name": name})
             assert load.status_code == 400, name
-            assert "error" in load.json()
+            assert reason in load.json()["error"], name
             for method in ("POST", "DELETE"):
                 rm = client.request(method, "/rm", json={"model": name})
-                assert rm.status_code in (400, 404), name
-        assert client.get("/current_model").status_code == 404
+                assert rm.status_code == 400 and reason in rm.json()["error"], name
+        assert client.get("/current_model").json() == {"error": "No model is currently loaded."}
     assert decoy.is_file() and decoy.stat().st_size > 0
 
 
@@ -441,7 +449,7 @@ def test_unknown_route_is_json_404(server):
     with server.client() as client:
         response = client.get("/no/such/route")
     assert response.status_code == 404
-    assert "error" in response.json()
+    assert response.json() == {"error": "Not found: GET /no/such/route"}
 
 
 def test_unload_during_generation_stops_it_with_a_clear_error(start_server):

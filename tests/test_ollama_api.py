@@ -54,7 +54,7 @@ def test_unknown_model_is_a_404(client: ollama.Client) -> None:
     assert "no-such-model:7b" in error.value.error
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="../etc/passwd", messages=[{"role": "user", "content": "hi"}])
-    assert error.value.status_code == 404
+    assert error.value.status_code == 404 and error.value.error == "model '../etc/passwd' not found"
 
 
 def test_ps_shows_the_loaded_model(client: ollama.Client) -> None:

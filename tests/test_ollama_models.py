@@ -56,7 +56,7 @@ def test_copy_create_chat_delete(client: ollama.Client, private: RkllamaServer) 
     assert error.value.status_code == 409 and "already exists" in error.value.error
     with pytest.raises(ollama.ResponseError) as error:
         client.copy(DEFAULT, "../outside")
-    assert error.value.status_code == 400
+    assert error.value.status_code == 400 and "one file or folder name" in error.value.error
     assert not (private.models_dir.parent / "outside").exists()
 
     created = client.create(
@@ -80,7 +80,7 @@ def test_copy_create_chat_delete(client: ollama.Client, private: RkllamaServer) 
     assert names(client) == [DEFAULT] and running(client) == []
     with pytest.raises(ollama.ResponseError) as error:
         client.delete("pirate")
-    assert error.value.status_code == 404
+    assert error.value.status_code == 404 and error.value.error == "model 'pirate' not found"
     # The default model's file is intact (the copies were hard links).
     assert client.generate(model=DEFAULT, prompt="Hi", options=SHORT).eval_count == 4
 
@@ -101,7 +101,7 @@ def test_create_from_modelfile_text(client: ollama.Client, private: RkllamaServe
     assert client.delete("terse").status == "success" and client.delete("kind").status == "success"
     with pytest.raises(ollama.ResponseError) as error:
         client.create(model="x", from_="no-such-model")
-    assert error.value.status_code == 404
+    assert error.value.status_code == 404 and error.value.error == "model 'no-such-model' not found"
     assert names(client) == [DEFAULT]
 
 

@@ -49,7 +49,8 @@ def name_problem(name: str, allow_slash: bool = False) -> str | None:
         separators = ("\\", *SLASH_LOOKALIKES) if allow_slash else ("/", "\\", *SLASH_LOOKALIKES)
         if any(sep in form for sep in separators):
             return "a model name is one file or folder name: no '/', '\\' or look-alikes of them"
-        if form.startswith("."):
+        # A dialect name with a '/' never matches a listed name: not found, rather than "hidden".
+        if form.startswith(".") and not (allow_slash and "/" in form):
             return "names starting with '.' are hidden files of the models directory, never models"
     return None
 
