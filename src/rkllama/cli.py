@@ -16,6 +16,7 @@ from . import __version__
 from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, server_url
 from .errors import RkllamaError
 from .settings import Settings, comma_list, read_api_key_file
+from .store.pull_ref import parse_pull_ref
 
 _PATH_SETTINGS = {"models_dir", "api_key_file"}
 
@@ -185,8 +186,6 @@ def _pull(args: argparse.Namespace) -> int:
                 done = line == "100%"
     if not done:
         raise ClientError("the download ended before 100%; run the same pull again to resume it.")
-    from .store.pull import parse_pull_ref  # imports huggingface_hub: only when needed
-
     name = parse_pull_ref(args.model).model_name
     print(f"Pulled {name}. Chat with it: rkllama run {name}")
     return 0

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import RkllamaError
-from ..store.pull import PullProgress, parse_pull_ref, pull_model
+from ..store.pull import PullProgress, pull_model
+from ..store.pull_ref import parse_pull_ref
 from .common import AppState, app_state, json_object
 from .schemas import native as docs
 

@@ -26,7 +26,8 @@ from ..store.ollama_modelfile import (
     render_ollama_modelfile,
     render_parameters,
 )
-from ..store.pull import PullProgress, parse_pull_ref, pull_model
+from ..store.pull import PullProgress, pull_model
+from ..store.pull_ref import parse_pull_ref
 from ..store.pulls import is_being_pulled
 from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest

@@ -1,7 +1,7 @@
 """Model pulls from Hugging Face.
 
 Interface used by the dialect layers:
-    parse_pull_ref("hf/user/repo/file.gguf") -> PullRef(repo_id="user/repo", filename="file.gguf")
+    parse_pull_ref("hf/user/repo/file.gguf")   # in pull_ref.py -> PullRef(repo_id="user/repo", filename="file.gguf")
     async for progress in pull_model(store, ref): ...   # PullProgress events
 Failures raise PullError, whose message is shown as "Error during download: <message>".
 
@@ -19,7 +19,6 @@ file and resumes from it on the next try; any other failure deletes it.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import hashlib
 import logging
@@ -31,27 +30,21 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import (
-    GatedRepoError,
     HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils import build_hf_headers
 
 from ..errors import BadRequest
-from .inside import describe_os_error, is_inside, write_text_inside
+from .hub_files import RemoteFile, explain, fetch_metadata
+from .inside import is_inside, write_text_inside
 from .modelfile import MODELFILE_NAME, Modelfile, read_modelfile
-from .models_dir import MODEL_SUFFIXES, ModelStore, check_model_name
-from .name_rules import name_problem, shown
+from .models_dir import ModelStore
+from .pull_ref import PullError, PullRef
 from .pulls import registry_for
 
 log = logging.getLogger(__name__)
@@ -70,31 +63,10 @@ constants.DOWNLOAD_CHUNK_SIZE = 1024 * 1024
 _POLL_SECONDS = 0.2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
-# A Hugging Face path: user (96), repo (96) and a file path; more is no hub's.
-MAX_REF_CHARS = 1024
-
-
-class PullError(BadRequest):
-    pass
 
 
 class _PullCancelled(Exception):
     """Raised in the download thread when the client went away."""
-
-
-@dataclass
-class PullRef:
-    repo_id: str
-    filename: str
-
-    @property
-    def basename(self) -> str:
-        return Path(self.filename).name
-
-    @property
-    def model_name(self) -> str:
-        """The folder the model is installed in, and the name it is listed under."""
-        return Path(self.filename).stem
 
 
 @dataclass
@@ -104,95 +76,6 @@ class PullProgress:
     total: int = 0
     completed: int = 0
     model_name: str | None = None  # set on "success": the name the model is listed under
-
-
-def parse_pull_ref(ref: object) -> PullRef:
-    if not isinstance(ref, str) or not ref.strip():
-        raise PullError("'model' must be a Hugging Face path such as hf/username/repo/file.gguf.")
-    if len(ref) > MAX_REF_CHARS:
-        raise PullError(f"Invalid model path {shown(ref)}: longer than {MAX_REF_CHARS} characters.")
-    parts = [p for p in ref.strip().split("/") if p]
-    if parts and parts[0] == "hf":
-        parts = parts[1:]
-    if len(parts) < 3:
-        raise PullError(f"Invalid model path {shown(ref)}: expected hf/username/repo/file (or username/repo/file).")
-    if any(p in {".", ".."} for p in parts):
-        raise PullError(f"Invalid model path {shown(ref)}: '.' and '..' are not allowed in a Hugging Face path.")
-    for part in parts:
-        if problem := name_problem(part):
-            raise PullError(f"Invalid model path {shown(ref)}: in {shown(part)}, {problem}.")
-    pull_ref = PullRef(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
-    if Path(pull_ref.filename).suffix.lower() not in MODEL_SUFFIXES:
-        raise PullError(f"Cannot pull {shown(pull_ref.filename)}: only .gguf and .rkllm model files can be pulled.")
-    check_model_name(pull_ref.model_name)
-    return pull_ref
-
-
-# --- what the hub says about a file ---------------------------------------------------------
-
-
-@dataclass
-class RemoteFile:
-    filename: str
-    url: str  # where to GET the bytes (the hub's redirect target for LFS files)
-    size: int
-    etag: str  # sha256 for LFS files, the git blob sha1 otherwise
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def _endpoint() -> str:
-    return constants.ENDPOINT
-
-
-def explain(exc: BaseException, ref: PullRef, root: Path | None = None) -> str:
-    """A message a person can act on, for any failure of a hub request."""
-    endpoint = _endpoint()
-    if isinstance(exc, GatedRepoError):
-        return (
-            f"{ref.repo_id} is a gated repository: accept its terms at {endpoint}/{ref.repo_id} and set HF_TOKEN "
-            "(in the server's environment) to a token of that account."
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return (
-            f"Repository {ref.repo_id} not found on {endpoint}. Check the name; if the repository is private, "
-            "set HF_TOKEN (in the server's environment) to a token that can read it."
-        )
-    if isinstance(exc, RevisionNotFoundError | RemoteEntryNotFoundError):
-        return (
-            f"File {ref.filename} not found in {ref.repo_id}. Check the file name "
-            f"(the repository's files are listed at {endpoint}/{ref.repo_id}/tree/main)."
-        )
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        status = exc.response.status_code
-        if status in (401, 403):
-            return f"Access to {ref.repo_id} was refused ({status}): set HF_TOKEN to a token that can read it."
-        return f"{endpoint} answered {status} for {ref.repo_id}/{ref.filename}; retry later."
-    if isinstance(exc, OfflineModeIsEnabled):
-        return "Hugging Face offline mode is on (HF_HUB_OFFLINE): unset it to pull models."
-    if isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError):
-        return f"Cannot reach {endpoint} ({type(exc).__name__}: {exc}). Check the network connection or HF_ENDPOINT."
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "The disk is full: free some space (e.g. rkllama rm <model>) and pull again."
-    if isinstance(exc, OSError):
-        return f"Cannot write the download into the models directory ({describe_os_error(exc, root)})."
-    return f"{type(exc).__name__}: {exc}"
-
-
-def fetch_metadata(ref: PullRef, filename: str | None = None) -> RemoteFile:
-    """HEAD the file on the hub (HF_ENDPOINT and HF_TOKEN are honoured by huggingface_hub)."""
-    name = filename or ref.filename
-    url = hf_hub_url(ref.repo_id, name)
-    try:
-        meta = get_hf_file_metadata(url)
-    except Exception as exc:  # every hub failure becomes a message a person can act on
-        raise PullError(explain(exc, PullRef(ref.repo_id, name))) from None
-    if meta.etag is None or meta.size is None:
-        raise PullError(f"{_endpoint()} sent no ETag or size for {name}: is HF_ENDPOINT a Hugging Face hub?")
-    headers = build_hf_headers()
-    if urlsplit(meta.location).netloc != urlsplit(url).netloc:
-        # Like huggingface_hub: the token never goes to the CDN.
-        headers.pop("authorization", None)
-    return RemoteFile(filename=name, url=meta.location, size=meta.size, etag=meta.etag, headers=headers)
 
 
 # --- downloading in a worker thread ---------------------------------------------------------
