@@ -64,13 +64,16 @@ class Contender:
     name: str
     # Streams one answer to prompt `n`: (send time, token times); stops at `tokens` or `deadline`.
     stream: Callable[[int, int, float], tuple[float, list[float]]]
-    pid: int  # the process whose CPU time is counted
+    pid: Callable[[], int]  # the process whose CPU time is counted (a runner may be restarted)
     runs: dict[int, list[Run]] = field(default_factory=dict)
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -171,9 +174,10 @@ def busy_processes(count: int) -> Iterator[None]:
 
 
 def measure(contender: Contender, n: int, tokens: int, max_seconds: float) -> Run:
-    before = cpu_seconds(contender.pid)
+    pid = contender.pid()
+    before = cpu_seconds(pid)
     started, stamps = contender.stream(n, tokens, time.perf_counter() + max_seconds)
-    used = cpu_seconds(contender.pid) - before
+    used = cpu_seconds(pid) - before
     if not stamps:
         return Run(float("nan"), float("nan"), float("nan"))
     return Run(stamps[0] - started, rate(stamps), 1000 * used / len(stamps))
@@ -240,11 +244,12 @@ def main() -> int:
         contenders: list[Contender] = []
         for name, env in ours.items():
             base, proc = stack.enter_context(rkllama(models, env))
-            contenders.append(Contender(name, rkllama_stream(base, llm), children(proc.pid)[0]))
+            runner = lambda proc=proc: (children(proc.pid) or [proc.pid])[0]  # noqa: E731
+            contenders.append(Contender(name, rkllama_stream(base, llm), runner))
         if args.llama_server.exists():
             base, proc = stack.enter_context(llama_server(args.llama_server, gguf, args.threads, 4))
-            contenders.append(Contender(PEER, llama_server_stream(base, template), proc.pid))
-        contenders.append(Contender("llama-cpp-python in-process", direct, os.getpid()))
+            contenders.append(Contender(PEER, llama_server_stream(base, template), lambda pid=proc.pid: pid))
+        contenders.append(Contender("llama-cpp-python in-process", direct, os.getpid))
         for contender in contenders:
             measure(contender, 0, 4, args.max_seconds)  # warm-up
         n = 0
