@@ -56,6 +56,36 @@ def read_api_key_file(path: Path) -> str:
     return key
 
 
+def _env_int(name: str, default: int) -> int:
+    text = _env(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"RKLLAMA_{name} must be a whole number, got {text!r}.") from None
+    if value < 1:
+        raise SettingsError(f"RKLLAMA_{name} must be at least 1, got {value}.")
+    return value
+
+
+@dataclass
+class RequestLimits:
+    """The largest request a client may send; each over its bound is a 400 (docs/limits.md)."""
+
+    # Tokens one reply may ask for (max_tokens, num_predict); the context bounds it further.
+    max_tokens: int = field(default_factory=lambda: _env_int("MAX_TOKENS", 2**20))
+    # Characters of prompt: all messages' text together, or one embedding input.
+    max_prompt_chars: int = field(default_factory=lambda: _env_int("MAX_PROMPT_CHARS", 4 * 2**20))
+    max_messages: int = field(default_factory=lambda: _env_int("MAX_MESSAGES", 4096))
+    # OpenAI's own limits on embedding inputs and tools.
+    max_embed_inputs: int = field(default_factory=lambda: _env_int("MAX_EMBED_INPUTS", 2048))
+    max_tools: int = field(default_factory=lambda: _env_int("MAX_TOOLS", 128))
+    max_stop_strings: int = field(default_factory=lambda: _env_int("MAX_STOP_STRINGS", 32))
+    max_stop_chars: int = field(default_factory=lambda: _env_int("MAX_STOP_CHARS", 256))
+    max_images: int = field(default_factory=lambda: _env_int("MAX_IMAGES", 16))
+
+
 @dataclass
 class Settings:
     host: str = field(default_factory=lambda: _env("HOST", DEFAULT_HOST) or DEFAULT_HOST)
@@ -80,6 +110,7 @@ class Settings:
     # Model to load at start instead of the built-in default.
     model: str | None = field(default_factory=lambda: _env("MODEL") or None)
     max_loaded_models: int = field(default_factory=lambda: int(_env("MAX_LOADED_MODELS", "1") or 1))
+    limits: RequestLimits = field(default_factory=RequestLimits)
     # Context length for models whose Modelfile sets no NUM_CTX; None: the trained context
     # (within the KV cache budget). See context_size.py.
     context_length: int | None = field(default_factory=lambda: int(_env("CONTEXT_LENGTH") or 0) or None)

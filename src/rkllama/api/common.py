@@ -4,6 +4,8 @@ errors that say what was wrong, and the app-wide state the routes need."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,16 +28,81 @@ def app_state(request: Request) -> AppState:
     return request.app.state.rkllama
 
 
+# Deeper JSON is refused before anything recursive (pydantic, the runner's JSON, grammars) sees it.
+MAX_JSON_DEPTH = 100
+# Longer integers mean nothing here, and Python refuses to convert over 4300 digits.
+MAX_INT_DIGITS = 100
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise BadRequest(f"holds an integer of {digits} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"holds the number {text[:40]}, too large for a 64-bit float")
+    return value
+
+
+def _constant(text: str) -> float:
+    raise BadRequest(f"holds {text}, which is not a JSON number")
+
+
+_VALID_UNICODE = "strings must be valid Unicode (a surrogate only as half of a pair)"
+
+
+def _escaped(char: str) -> str:
+    return f"\\u{ord(char):04x}"
+
+
+def _check_tree(data: Any) -> None:
+    """Depth and lone surrogates, without recursion (an iterative walk of the parsed value)."""
+    stack: list[tuple[Any, int, tuple[str, ...]]] = [(data, 0, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if found := _SURROGATE.search(value):
+                where = f" at '{'.'.join(path)}'" if path else ""
+                raise BadRequest(f"holds a lone UTF-16 surrogate {_escaped(found[0])}{where}; {_VALID_UNICODE}")
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise BadRequest(f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        items = list(value.items() if isinstance(value, dict) else enumerate(value))
+        for key, item in reversed(items):  # reversed: the first bad value in the text is the one named
+            if isinstance(key, str) and (found := _SURROGATE.search(key)):
+                raise BadRequest(f"holds a lone UTF-16 surrogate {_escaped(found[0])} in a key; {_VALID_UNICODE}")
+            stack.append((item, depth + 1, (*path, str(key))))
+
+
+def parse_json(text: str | bytes, what: str = "The request body") -> Any:
+    """json.loads with bounds: nesting depth, integer length, finite numbers, valid Unicode.
+    Each refusal is a 400 that starts with `what` and says what was wrong."""
+    try:
+        data = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        _check_tree(data)
+    except BadRequest as exc:
+        raise BadRequest(f"{what} {exc.message}.") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}.") from None
+    return data
+
+
 async def json_object(request: Request, *, allow_empty: bool = False) -> dict[str, Any]:
     body = await request.body()
     if not body.strip():
         if allow_empty:
             return {}
         raise BadRequest("The request body is empty; send a JSON object.")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
     return data

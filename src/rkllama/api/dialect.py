@@ -10,6 +10,7 @@ current model that the native /generate uses.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from ..store.names import resolve_model
 from ..toolcalls import ToolCall, may_become_tool_call, parse_tool_calls
 from ..types import Usage
 from .common import AppState, json_object
+from .limits import KEEP_ALIVE_MAX_SECONDS, shown
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -36,7 +38,10 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        loc = [str(part) for part in exc.errors()[0]["loc"]]
+        first = exc.errors()[0]
+        loc = [str(part) for part in first["loc"]]
+        if first["type"] == "range":  # limits.Range: the message names the range already
+            raise BadRequest(f"Invalid request: '{'.'.join(loc)}' {first['msg']}.") from None
         union = next((i for i, part in enumerate(loc) if part in _TYPE_TAGS or "[" in part), None)
         if union is None:
             raise BadRequest(f"Invalid request: '{'.'.join(loc)}': {exc.errors()[0]['msg']}.") from None
@@ -131,7 +136,19 @@ def parse_keep_alive(value: Any) -> float | None:
     """Seconds to keep the model loaded after the request (negative: forever; 0: unload now).
 
     Ollama accepts a number of seconds or a Go duration ("5m", "1h30m", "-1"). None means
-    the request did not say, and the model's current keep-alive is left alone."""
+    the request did not say, and the model's current keep-alive is left alone. Over
+    KEEP_ALIVE_MAX_SECONDS (ten years) is refused: no clock can show that expiry."""
+    seconds = _keep_alive_seconds(value)
+    if seconds is not None and not (math.isfinite(seconds) and seconds <= KEEP_ALIVE_MAX_SECONDS):
+        if math.isnan(seconds) or seconds > 0:
+            raise BadRequest(
+                f"Invalid keep_alive {shown(value)}: at most {KEEP_ALIVE_MAX_SECONDS} seconds (10 years); "
+                "use -1 to keep the model loaded until it is unloaded."
+            )
+    return seconds
+
+
+def _keep_alive_seconds(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -148,7 +165,7 @@ def parse_keep_alive(value: Any) -> float | None:
         if parts and "".join(n + u for n, u in parts) == body:
             seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
             return -seconds if negative else seconds
-    raise BadRequest(f"Invalid keep_alive {value!r}: use seconds (300), a duration ('5m', '1h'), 0 or -1.")
+    raise BadRequest(f"Invalid keep_alive {shown(value)}: use seconds (300), a duration ('5m', '1h'), 0 or -1.")
 
 
 async def apply_keep_alive(state: AppState, name: str, seconds: float | None) -> None:

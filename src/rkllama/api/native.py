@@ -16,10 +16,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import BadRequest, Conflict, ModelNotFound, NotFound, RkllamaError
 from ..scheduler import LoadedModel
+from ..settings import RequestLimits
 from ..store.pulls import is_being_pulled
 from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
 from .common import AppState, app_state, json_object, optional, optional_stop
 from .dialect import truncation
+from .limits import SAMPLING, check_generate
 from .schemas import native as docs
 
 router = APIRouter()
@@ -101,19 +103,27 @@ def _messages(value: Any) -> tuple[list[ChatMessage] | None, str | None]:
     raise BadRequest('\'messages\' is required: a prompt string, or a non-empty list of {"role", "content"} objects.')
 
 
-def parse_generate(data: dict[str, Any]) -> tuple[GenerateRequest, bool]:
+def _sampling(data: dict[str, Any], key: str, kind: type) -> Any:
+    """A typed sampling field within its range (limits.SAMPLING)."""
+    value = optional(data, key, kind)
+    SAMPLING[key].check(value, key)
+    return value
+
+
+def parse_generate(data: dict[str, Any], limits: RequestLimits) -> tuple[GenerateRequest, bool]:
     messages, prompt = _messages(data.get("messages"))
     stream = optional(data, "stream", bool)
     options = SamplingOptions(
-        temperature=optional(data, "temperature", float),
-        top_p=optional(data, "top_p", float),
-        top_k=optional(data, "top_k", int),
-        max_tokens=optional(data, "max_tokens", int),
-        seed=optional(data, "seed", int),
+        temperature=_sampling(data, "temperature", float),
+        top_p=_sampling(data, "top_p", float),
+        top_k=_sampling(data, "top_k", int),
+        max_tokens=_sampling(data, "max_tokens", int),
+        seed=_sampling(data, "seed", int),
         stop=optional_stop(data),
     )
     truncate = optional(data, "truncate", bool)
     request = GenerateRequest(messages=messages, prompt=prompt, options=options, truncate=truncate is not False)
+    check_generate(request, limits)
     return request, bool(stream)
 
 
@@ -149,7 +159,7 @@ async def generate(request: Request, state: AppState = Depends(app_state)) -> An
     current = state.scheduler.current_model
     if current is None:
         raise BadRequest(NO_MODEL)
-    generate_request, stream = parse_generate(data)
+    generate_request, stream = parse_generate(data, state.settings.limits)
     model = state.scheduler.get_loaded(current)
     if model is None:
         raise BadRequest(NO_MODEL)

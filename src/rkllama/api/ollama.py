@@ -20,6 +20,7 @@ from ..store.gguf_info import file_digest, gguf_info, parameter_size
 from ..store.models_dir import ModelEntry
 from ..store.names import ollama_name, resolve_model
 from ..store.ollama_modelfile import (
+    KEYS_TO_PARAMETERS,
     ModelDefinition,
     parameters_to_values,
     parse_definition,
@@ -43,6 +44,7 @@ from .dialect import (
     started,
     truncation,
 )
+from .limits import check_inputs, check_parameters
 from .ollama_wire import (
     ChatBody,
     CopyBody,
@@ -191,6 +193,7 @@ def _definition(body: CreateBody) -> ModelDefinition:
     if body.system is not None:
         definition.values["SYSTEM"] = body.system
     definition.values.update(parameters_to_values(body.parameters or {}))
+    check_parameters(definition.values, KEYS_TO_PARAMETERS)
     if not definition.source:
         raise BadRequest("Say which model to build on: 'from' (or FROM in 'modelfile') naming an existing model.")
     return definition
@@ -294,7 +297,7 @@ class _Exchange:
         self.body = body
         self.chat = chat
         self.keep_alive = parse_keep_alive(body.keep_alive)
-        self.request: GenerateRequest = body.to_request()
+        self.request: GenerateRequest = body.to_request(state.settings.limits)
         self.target: Target | None = None
 
     def _empty(self) -> bool:
@@ -407,8 +410,8 @@ async def chat(request: Request, state: AppState = Depends(app_state)) -> Any:
 async def embed(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, EmbedBody)
     keep_alive = parse_keep_alive(body.keep_alive)
+    inputs = body.inputs(state.settings.limits)
     target = await load_target(state, body.model, body.options.num_ctx if body.options else None)
-    inputs = body.inputs()
     if body.dimensions is not None:
         raise BadRequest("'dimensions' is not supported: the model's embedding size is used.")
     try:
@@ -429,6 +432,7 @@ async def embeddings(request: Request, state: AppState = Depends(app_state)) -> 
     """The older endpoint: one prompt, one vector."""
     body = await parse_body(request, EmbeddingsBody)
     keep_alive = parse_keep_alive(body.keep_alive)
+    check_inputs([body.prompt], state.settings.limits, "prompt")
     target = await load_target(state, body.model, body.options.num_ctx if body.options else None)
     try:
         result = await state.scheduler.embed(target.model, EmbedRequest(inputs=[body.prompt]))

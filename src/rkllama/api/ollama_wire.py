@@ -8,8 +8,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BadRequest
+from ..settings import RequestLimits
 from ..toolcalls import tool_names
 from ..types import ChatMessage, GenerateRequest, SamplingOptions
+from .limits import OLLAMA_FIELDS, bounded, check_generate, check_images, check_inputs
 
 
 class _Wire(BaseModel):
@@ -17,17 +19,19 @@ class _Wire(BaseModel):
 
 
 class Options(_Wire):
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    num_predict: int | None = None
-    num_ctx: int | None = None
-    seed: int | None = None
+    """Ranges: limits.SAMPLING (Ollama validates none; these are what the engines can use)."""
+
+    temperature: bounded(float, "temperature") = None
+    top_p: bounded(float, "top_p") = None
+    top_k: bounded(int, "top_k") = None
+    min_p: bounded(float, "min_p") = None
+    num_predict: bounded(int, "num_predict") = None
+    num_ctx: int | None = None  # bounded by the model's trained context: context_size.py
+    seed: bounded(int, "seed") = None
     stop: list[str] | str | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    repeat_penalty: bounded(float, "repeat_penalty") = None
+    presence_penalty: bounded(float, "presence_penalty") = None
+    frequency_penalty: bounded(float, "frequency_penalty") = None
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(
@@ -79,8 +83,8 @@ class _GenerateBase(_Wire):
     def num_ctx(self) -> int | None:
         return self.options.num_ctx if self.options else None
 
-    def _request(self, **fields: Any) -> GenerateRequest:
-        return GenerateRequest(
+    def _request(self, limits: RequestLimits, **fields: Any) -> GenerateRequest:
+        request = GenerateRequest(
             options=self.options.sampling() if self.options else SamplingOptions(),
             response_format=self.format or None,
             enable_thinking=None if self.think is None else bool(self.think),
@@ -88,6 +92,8 @@ class _GenerateBase(_Wire):
             truncate=self.truncate,
             **fields,
         )
+        check_generate(request, limits, OLLAMA_FIELDS)
+        return request
 
 
 class GenerateBody(_GenerateBase):
@@ -98,26 +104,29 @@ class GenerateBody(_GenerateBase):
     raw: bool | None = None
     images: list[str] | None = None
 
-    def to_request(self) -> GenerateRequest:
+    def to_request(self, limits: RequestLimits) -> GenerateRequest:
         if self.images:
+            check_images(len(self.images), limits)
             raise BadRequest("Images are not supported by this server's models.")
         if self.suffix:
             raise BadRequest("'suffix' (fill-in-the-middle) is not supported.")
         if self.template:
             raise BadRequest("'template' is not supported: the chat template comes from the model file.")
         if self.raw:
-            return self._request(prompt=self.prompt or "")
+            return self._request(limits, prompt=self.prompt or "")
         messages = [ChatMessage(role="system", content=self.system)] if self.system else []
         messages.append(ChatMessage(role="user", content=self.prompt or ""))
-        return self._request(messages=messages)
+        return self._request(limits, messages=messages)
 
 
 class ChatBody(_GenerateBase):
     messages: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
 
-    def to_request(self) -> GenerateRequest:
+    def to_request(self, limits: RequestLimits) -> GenerateRequest:
         messages = []
+        if images := sum(len(message.images or []) for message in self.messages or []):
+            check_images(images, limits)
         for message in self.messages or []:
             if message.images:
                 raise BadRequest("Images are not supported by this server's models.")
@@ -132,7 +141,7 @@ class ChatBody(_GenerateBase):
             )
         if self.tools and not tool_names(self.tools):
             raise BadRequest('\'tools\' must be a list of {"type": "function", "function": {"name", ...}}.')
-        return self._request(messages=messages, tools=self.tools or None)
+        return self._request(limits, messages=messages, tools=self.tools or None)
 
 
 class EmbedBody(_Wire):
@@ -143,8 +152,8 @@ class EmbedBody(_Wire):
     keep_alive: float | str | None = None
     dimensions: int | None = None
 
-    def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else self.input
+    def inputs(self, limits: RequestLimits) -> list[str]:
+        return check_inputs([self.input] if isinstance(self.input, str) else self.input, limits)
 
 
 class EmbeddingsBody(_Wire):

@@ -170,7 +170,7 @@ class _Completion:
 
 
 async def _complete(state: AppState, body: ChatBody | CompletionBody, chat: bool) -> Any:
-    generate_request = body.to_request()
+    generate_request = body.to_request(state.settings.limits)
     target = await load_target(state, body.model)
     completion = _Completion(body, generate_request, chat)
     events = state.scheduler.generate(target.model, generate_request)
@@ -203,7 +203,7 @@ def _base64(vector: list[float]) -> str:
 @router.post("/v1/embeddings", **docs.EMBEDDINGS)
 async def embeddings(request: Request, state: AppState = Depends(app_state)) -> dict[str, Any]:
     body = await parse_body(request, EmbeddingsBody)
-    inputs = body.inputs()
+    inputs = body.inputs(state.settings.limits)
     target = await load_target(state, body.model)
     result = await state.scheduler.embed(target.model, EmbedRequest(inputs=inputs))
     if body.dimensions is not None and body.dimensions != len(result.embeddings[0]):

@@ -3,14 +3,16 @@ translation to the internal GenerateRequest. Unknown fields are ignored."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BadRequest
+from ..settings import RequestLimits
 from ..toolcalls import tool_names
 from ..types import ChatMessage, GenerateRequest, SamplingOptions
+from .common import parse_json
+from .limits import OPENAI_SAMPLING, FieldNames, bounded, check_count, check_generate, check_images, check_inputs
 
 
 class _Wire(BaseModel):
@@ -25,26 +27,25 @@ class _Sampling(_Wire):
     model: str = ""
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    # Ranges: limits.OPENAI_SAMPLING (OpenAI's where it documents one).
+    max_tokens: bounded(int, "max_tokens", OPENAI_SAMPLING) = None
+    temperature: bounded(float, "temperature", OPENAI_SAMPLING) = None
+    top_p: bounded(float, "top_p", OPENAI_SAMPLING) = None
+    seed: bounded(int, "seed", OPENAI_SAMPLING) = None
     stop: str | list[str] | None = None
     n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: bounded(float, "presence_penalty", OPENAI_SAMPLING) = None
+    frequency_penalty: bounded(float, "frequency_penalty", OPENAI_SAMPLING) = None
     # Not OpenAI's, but llama.cpp servers take them and so do we.
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
+    top_k: bounded(int, "top_k", OPENAI_SAMPLING) = None
+    min_p: bounded(float, "min_p", OPENAI_SAMPLING) = None
+    repeat_penalty: bounded(float, "repeat_penalty", OPENAI_SAMPLING) = None
     # Not OpenAI's: False refuses a prompt longer than the context instead of trimming it.
     truncate: bool = True
 
     def _options(self, max_tokens: int | None) -> SamplingOptions:
         if self.n is not None and self.n != 1:
             raise BadRequest("'n' must be 1: this server returns one choice per request.")
-        if max_tokens is not None and max_tokens < 1:
-            raise BadRequest("'max_tokens' must be at least 1.")
         return SamplingOptions(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -86,10 +87,7 @@ def _call(call: Any, where: str) -> dict[str, Any]:
         raise BadRequest(f"'{where}' must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}.")
     arguments = function.get("arguments") or "{}"
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            raise BadRequest(f"'{where}.function.arguments' is not valid JSON.") from None
+        arguments = parse_json(arguments, f"'{where}.function.arguments'")
     return {"name": function["name"], "arguments": arguments}
 
 
@@ -103,7 +101,7 @@ class Message(_Wire):
 
 class ChatBody(_Sampling):
     messages: list[Message]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: bounded(int, "max_tokens", OPENAI_SAMPLING) = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -154,7 +152,18 @@ class ChatBody(_Sampling):
             return name
         raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {...}}.")
 
-    def to_request(self) -> GenerateRequest:
+    def _image_count(self) -> int:
+        return sum(
+            1
+            for message in self.messages
+            if isinstance(message.content, list)
+            for part in message.content
+            if isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
+        )
+
+    def to_request(self, limits: RequestLimits) -> GenerateRequest:
+        check_images(self._image_count(), limits)
+        check_count(self.tools, limits.max_tools, "tools", "tools", "MAX_TOOLS")
         if self.logprobs:
             raise BadRequest("'logprobs' is not supported.")
         if self.tools and len(tool_names(self.tools)) != len(self.tools):
@@ -163,7 +172,8 @@ class ChatBody(_Sampling):
         if choice is not None and not self.tools and choice != "none":
             raise BadRequest("'tool_choice' needs 'tools'.")
         tools = None if choice == "none" else (self.tools or None)
-        return GenerateRequest(
+        max_field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        request = GenerateRequest(
             messages=self._messages(),
             options=self._options(self.max_completion_tokens or self.max_tokens),
             response_format=self._format(),
@@ -171,6 +181,8 @@ class ChatBody(_Sampling):
             tool_choice=None if choice == "none" else choice,
             truncate=self.truncate,
         )
+        check_generate(request, limits, FieldNames(max_tokens=max_field))
+        return request
 
 
 class CompletionBody(_Sampling):
@@ -178,7 +190,7 @@ class CompletionBody(_Sampling):
     echo: bool | None = None
     suffix: str | None = None
 
-    def to_request(self) -> GenerateRequest:
+    def to_request(self, limits: RequestLimits) -> GenerateRequest:
         if self.suffix:
             raise BadRequest("'suffix' is not supported.")
         if self.echo:
@@ -190,7 +202,9 @@ class CompletionBody(_Sampling):
             prompt = prompt[0]
         # OpenAI's default for completions is 16 tokens.
         options = self._options(16 if self.max_tokens is None else self.max_tokens)
-        return GenerateRequest(prompt=prompt, options=options, truncate=self.truncate)
+        request = GenerateRequest(prompt=prompt, options=options, truncate=self.truncate)
+        check_generate(request, limits)
+        return request
 
 
 class EmbeddingsBody(_Wire):
@@ -199,10 +213,10 @@ class EmbeddingsBody(_Wire):
     encoding_format: str = "float"
     dimensions: int | None = None
 
-    def inputs(self) -> list[str]:
+    def inputs(self, limits: RequestLimits) -> list[str]:
         inputs = [self.input] if isinstance(self.input, str) else self.input
         if not inputs:
             raise BadRequest("'input' must not be empty.")
         if self.encoding_format not in ("float", "base64"):
             raise BadRequest("'encoding_format' must be 'float' or 'base64'.")
-        return inputs
+        return check_inputs(inputs, limits)

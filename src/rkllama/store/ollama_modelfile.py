@@ -99,8 +99,8 @@ def _parse_parameter(argument: str) -> tuple[str, Any]:
         return name, raw
     try:
         return name, json.loads(raw)
-    except json.JSONDecodeError:
-        raise BadRequest(f"Modelfile: PARAMETER {name} needs a number, got {raw!r}.") from None
+    except (ValueError, RecursionError):  # not JSON, nested too deep, an integer too long
+        raise BadRequest(f"Modelfile: PARAMETER {name} needs a number, got {raw[:40]!r}.") from None
 
 
 def parse_definition(text: str) -> ModelDefinition:
