@@ -102,6 +102,9 @@ SAMPLING: dict[str, Range] = {
     "num_predict": Range(-2),
     "max_tokens": Range(1),
     "num_ctx": Range(1, NUM_CTX_MAX),
+    # Modelfile-only (/api/create): each thread and batch slot costs memory at load.
+    "num_thread": Range(1, 1024),
+    "num_batch": Range(1, 65536),
 }
 # OpenAI's documented ranges on /v1/* (llama.cpp's extras keep the lenient ones).
 OPENAI_SAMPLING: dict[str, Range] = {
