@@ -21,7 +21,7 @@ from ..types import ChatMessage, GenerateRequest
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
-# A sanity bound only; the model's trained context and the memory budget bound it further.
+# A sanity bound on a Modelfile's NUM_CTX set through /api/create; loading checks it further.
 NUM_CTX_MAX = 2**20
 # Ten years: longer is a mistake (-1 keeps a model loaded until it is unloaded).
 KEEP_ALIVE_MAX_SECONDS = 10 * 365 * 24 * 3600
@@ -101,8 +101,9 @@ SAMPLING: dict[str, Range] = {
     "frequency_penalty": Range(-100, 100),
     "num_predict": Range(-2),
     "max_tokens": Range(1),
+    # Modelfile-only (/api/create; a request's num_ctx is checked against the model's trained
+    # context in context_size.py): each context token, thread and batch slot costs memory.
     "num_ctx": Range(1, NUM_CTX_MAX),
-    # Modelfile-only (/api/create): each thread and batch slot costs memory at load.
     "num_thread": Range(1, 1024),
     "num_batch": Range(1, 65536),
 }
