@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -212,3 +213,27 @@ def test_a_larger_num_ctx_waits_for_the_busy_model_and_reloads_it(start_server) 
     assert larger.done and larger.prompt_eval_count > 1024  # answered at the new size, untrimmed
     assert client.ps().models[0].context_length == 2048
     assert "Waiting for SmolLM2-135M-Instruct to be idle to reload it with a context of 2048" in srv.log()
+
+
+def test_keep_alive_0_while_busy_unloads_once_the_requests_end(start_server) -> None:
+    """Open WebUI's unload can arrive while a side task still runs: the model goes when it ends."""
+    srv = start_server()
+    client = ollama.Client(host=srv.base_url, timeout=1500)
+    first_chunk, done = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        stream = client.generate(model=MODEL, prompt="Tell a long story.", stream=True, options={"num_predict": 60})
+        for _chunk in stream:
+            first_chunk.set()
+        done.set()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    assert first_chunk.wait(600)
+    assert client.generate(model=MODEL, prompt="", keep_alive=0).done_reason == "unload"
+    worker.join()
+    assert done.is_set()
+    deadline = time.monotonic() + 60
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.ps().models == []

@@ -177,7 +177,9 @@ async def apply_keep_alive(state: AppState, name: str, seconds: float | None) ->
             state.scheduler.set_keep_alive(name, None)
         elif seconds == 0:
             model = state.scheduler.get_loaded(name)
-            if model is not None and not model.busy:
+            if model is not None and model.busy:
+                state.scheduler.set_keep_alive(name, 0)  # as Ollama: unloaded once its requests end
+            elif model is not None:
                 await state.scheduler.unload(name)
         else:
             state.scheduler.set_keep_alive(name, seconds)
