@@ -188,10 +188,6 @@ def test_no_request_gets_a_5xx_or_a_broken_stream_except_from_an_unload(mix: tup
     assert not bad, _report(bad)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 9 item 10: an unload does not drain in-flight requests yet (helper 'faults' is fixing it)",
-)
 def test_no_request_is_broken_by_another_clients_unload(mix: tuple[RkllamaServer, Run]) -> None:
     _, run = mix
     broken = _broken(run)

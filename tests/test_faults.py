@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -244,3 +245,19 @@ def test_keep_alive_still_unloads_after_a_runner_was_killed(start_server):
     assert client.generate(model=MODEL, prompt="", keep_alive="2s").done_reason == "load"
     assert wait_until(lambda: loaded_models(srv) == [])  # the sweeper is still at work
     assert "Traceback" not in srv.log()
+
+
+def test_a_gguf_with_a_valid_magic_and_garbage_after_it_is_listed_not_a_500(start_server, tmp_path):
+    """A header that declares absurd lengths (a string of 2**63 bytes) must not break listings."""
+    garbage = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 2**63 - 5) + bytes(range(256)) * 64
+    models = models_dir_with(tmp_path / "models", {"magic-garbage.gguf": garbage})
+    srv = start_server(models_dir=models, args=["--no-default"], expect_model=False)
+    with srv.client() as client:
+        tags = client.get("/api/tags")
+        assert tags.status_code == 200, tags.text
+        assert [m["name"] for m in tags.json()["models"]] == ["magic-garbage:latest"]
+        show = client.post("/api/show", json={"model": "magic-garbage.gguf"})
+        assert show.status_code == 200, show.text
+        loaded = client.post("/load_model", json={"model_name": "magic-garbage.gguf"})
+        assert loaded.status_code == 400 and "pull it again" in loaded.json()["error"]
+        assert client.get("/api/ps").status_code == 200

@@ -71,6 +71,10 @@ def parameter_size(count: int) -> str:
     return str(count)
 
 
+# No real key or value (chat templates included) comes near this.
+_MAX_STRING_BYTES = 64 * 2**20
+
+
 class _Reader:
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
@@ -84,7 +88,12 @@ class _Reader:
 
     def string(self) -> str:
         length = self.unpack("<Q")
-        return self.handle.read(length).decode("utf-8", errors="replace")
+        if length > _MAX_STRING_BYTES:  # a damaged header; reading it would exhaust memory
+            raise ValueError(f"GGUF string of {length} bytes")
+        data = self.handle.read(length)
+        if len(data) != length:
+            raise ValueError("truncated GGUF header")
+        return data.decode("utf-8", errors="replace")
 
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
@@ -124,7 +133,7 @@ def read_gguf(path: Path) -> GgufInfo:
                 for dim in dims:
                     count *= dim
                 info.parameter_count += count
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, OverflowError, MemoryError, struct.error):
         return GgufInfo()
     return info
 
