@@ -30,13 +30,15 @@ def test_num_thread_from_the_modelfile_or_the_environment_is_reported_by_api_ps(
         bad = client.post("/load_model", json={"model_name": "bad"})
         assert bad.status_code == 400
         assert "NUM_THREAD must be at least 1, got 0" in bad.json()["error"]
-    assert "llama.cpp engine: 1 threads, OMP_WAIT_POLICY=passive" in srv.log()
-    assert "llama.cpp engine: 3 threads, OMP_WAIT_POLICY=passive" in srv.log()
+    assert "llama.cpp engine: 1 threads, GOMP_SPINCOUNT=300" in srv.log()
+    assert "llama.cpp engine: 3 threads, GOMP_SPINCOUNT=300" in srv.log()
 
 
 def test_wait_policy_from_the_environment_reaches_the_runner_and_a_bad_one_is_refused(start_server, tmp_path):
     active = start_server(env={"RKLLAMA_WAIT_POLICY": "active"})
     assert "threads, OMP_WAIT_POLICY=active" in active.log()
+    passive = start_server(env={"RKLLAMA_WAIT_POLICY": "passive"})
+    assert "threads, OMP_WAIT_POLICY=passive" in passive.log()
     models = tmp_path / "models"
     model_folder(models, "tiny", 'FROM="weights.gguf"\n')
     srv = start_server(
@@ -45,4 +47,4 @@ def test_wait_policy_from_the_environment_reaches_the_runner_and_a_bad_one_is_re
     with srv.client() as client:
         refused = client.post("/load_model", json={"model_name": "tiny"})
         assert refused.status_code == 400
-        assert "RKLLAMA_WAIT_POLICY must be 'passive' or 'active', got 'lazy'" in refused.json()["error"]
+        assert "RKLLAMA_WAIT_POLICY must be 'brief', 'passive' or 'active', got 'lazy'" in refused.json()["error"]

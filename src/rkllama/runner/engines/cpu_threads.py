@@ -6,8 +6,11 @@ barrier for a few milliseconds before sleeping. On an idle machine the partner a
 microseconds, so spinning is free; when another process holds a core, the partner is waiting
 for the CPU while the spinner burns the time it needs: measured here, each compute thread
 used ~190 ms of CPU per token instead of ~7 ms, and decode fell from ~150 to under 2 tok/s.
-So the runner makes waiting threads sleep (OMP_WAIT_POLICY=passive) unless told otherwise.
-See docs/performance.md.
+Sleeping at once (OMP_WAIT_POLICY=passive) survives that but costs a wake-up per barrier:
+on a quiet machine decode fell to 0.38x llama-server. So by default the runner lets a waiting
+thread spin only briefly (GOMP_SPINCOUNT=300) and then sleep: measured on a quiet 2-core VM,
+121 tok/s (llama-server 117-130) and, with one busy process, 46 tok/s (llama-server 33-40).
+See docs/performance.md and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import os
 
 from .base import EngineError
 
-# RKLLAMA_WAIT_POLICY: "passive" (sleep at once, the default) or "active" (spin, OpenMP's own
-# default). An OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the user wins over both.
+# RKLLAMA_WAIT_POLICY: "brief" (spin ~300 rounds, then sleep: the default), "passive" (sleep at
+# once) or "active" (spin without end, also while idle). The user's own OMP_WAIT_POLICY or
+# GOMP_SPINCOUNT wins over all three.
 WAIT_POLICY_ENV = "RKLLAMA_WAIT_POLICY"
 THREADS_ENV = "RKLLAMA_NUM_THREAD"
-DEFAULT_WAIT_POLICY = "passive"
-WAIT_POLICIES = {"passive", "active"}
+DEFAULT_WAIT_POLICY = "brief"
+WAIT_POLICIES = {"brief", "passive", "active"}
+BRIEF_SPIN_COUNT = "300"
 
 
 def apply_wait_policy(environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
@@ -31,8 +36,11 @@ def apply_wait_policy(environ: os._Environ[str] | dict[str, str] = os.environ) -
         return describe_wait_policy(environ)
     policy = (environ.get(WAIT_POLICY_ENV) or DEFAULT_WAIT_POLICY).strip().lower()
     if policy not in WAIT_POLICIES:
-        raise EngineError(f"{WAIT_POLICY_ENV} must be 'passive' or 'active', got {policy!r}.")
-    environ["OMP_WAIT_POLICY"] = policy
+        raise EngineError(f"{WAIT_POLICY_ENV} must be 'brief', 'passive' or 'active', got {policy!r}.")
+    if policy == "brief":
+        environ["GOMP_SPINCOUNT"] = BRIEF_SPIN_COUNT
+    else:
+        environ["OMP_WAIT_POLICY"] = policy
     return describe_wait_policy(environ)
 
 
