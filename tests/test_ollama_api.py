@@ -127,7 +127,7 @@ def test_json_schema_format_always_parses(client: ollama.Client) -> None:
     person = json.loads(reply.message.content)
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
     reply = client.generate(
-        model=MODEL, prompt="A JSON object about a cat:", format="json", options={"num_predict": 400, "temperature": 0}
+        model=MODEL, prompt="A JSON object about a cat:", format="json", options={"num_predict": 60, "temperature": 0}
     )
     assert isinstance(json.loads(reply.response), dict)
 
