@@ -44,6 +44,7 @@ from bench_server import (  # noqa: E402
     children,
     install_default_model,
     llama_server,
+    record,
     render_chat,
     serving,
 )
@@ -284,8 +285,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
-            results.write("\n" + text)
+        record(text)
     return 0
 
 

@@ -273,9 +273,14 @@ def main() -> int:
     table = header + "\n" + "\n".join(rows) + "\n"
     print(table)
     if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
-            results.write("\n" + table)
+        record(table)
     return 0
+
+
+def record(text: str) -> None:
+    """Append a bench's results to bench/RESULTS.md."""
+    with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
+        results.write("\n" + text)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,14 @@ def make_models_dir(root: Path) -> Path:
     return root
 
 
+def module_server(tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[RkllamaServer]:
+    """A server of its own for one test module (its models dir and log under `label`)."""
+    root = tmp_path_factory.mktemp(label)
+    srv = RkllamaServer(make_models_dir(root / "models"), root / "server.log").wait_ready()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_models_dir(tmp_path_factory.mktemp("models"))

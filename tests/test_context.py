@@ -21,7 +21,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import RkllamaServer, make_models_dir
+from conftest import RkllamaServer, module_server
 
 MODEL = "smollm2:135m"
 TRAINED = 8192  # SmolLM2-135M's llama.context_length
@@ -44,10 +44,7 @@ def history(turns: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RkllamaServer]:
-    root = tmp_path_factory.mktemp("context")
-    server = RkllamaServer(make_models_dir(root / "models"), root / "server.log").wait_ready()
-    yield server
-    server.stop()
+    yield from module_server(tmp_path_factory, "context")
 
 
 @pytest.fixture

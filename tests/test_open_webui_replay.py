@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RkllamaServer, make_models_dir
+from conftest import RkllamaServer, module_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPLY_CAP = 24
@@ -135,10 +135,7 @@ def send(http: httpx.Client, request: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RkllamaServer]:
-    root = tmp_path_factory.mktemp("replay")
-    server = RkllamaServer(make_models_dir(root / "models"), root / "server.log").wait_ready()
-    yield server
-    server.stop()
+    yield from module_server(tmp_path_factory, "replay")
 
 
 @pytest.fixture(scope="module")
