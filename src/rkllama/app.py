@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api import native, native_pull, ollama, openai
+from .api import native, native_pull, ollama, ollama_models, openai
 from .api.common import AppState
 from .api.guards import install_guards
 from .errors import RkllamaError
@@ -30,23 +30,28 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 
 ErrorRenderer = Callable[[int, str], JSONResponse]
-# Dialects whose error shape differs register a renderer for their path prefix.
-ERROR_RENDERERS: dict[str, ErrorRenderer] = {"/v1/": openai.render_error}
+PathRenderer = Callable[[str, int, str], JSONResponse]
 
 
-def render_for_path(path: str, status: int, message: str) -> JSONResponse:
-    for prefix, renderer in ERROR_RENDERERS.items():
-        if path.startswith(prefix):
-            return renderer(status, message)
-    return error_response(status, message)
+def path_renderer(renderers: Mapping[str, ErrorRenderer]) -> PathRenderer:
+    """(path, status, message) -> the error in the shape of the path's dialect: the renderer
+    of the first matching prefix, else RKLLama's own {"error": message}."""
+    table = dict(renderers)
+
+    def render(path: str, status: int, message: str) -> JSONResponse:
+        for prefix, renderer in table.items():
+            if path.startswith(prefix):
+                return renderer(status, message)
+        return error_response(status, message)
+
+    return render
 
 
-def render_error(request: Request, status: int, message: str) -> JSONResponse:
-    return render_for_path(request.url.path, status, message)
-
-
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, render_for_path: PathRenderer) -> None:
     """Every failure becomes JSON with a message; dialects may override by path prefix."""
+
+    def render_error(request: Request, status: int, message: str) -> JSONResponse:
+        return render_for_path(request.url.path, status, message)
 
     @app.exception_handler(RkllamaError)
     async def on_rkllama_error(request: Request, exc: RkllamaError) -> JSONResponse:
@@ -110,10 +115,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="RKLLama", version=__version__, lifespan=lifespan)
     app.state.rkllama = AppState(settings=settings, store=store, scheduler=scheduler)
-    install_error_handlers(app)
+    # Dialects whose error shape differs have a renderer for their path prefix.
+    render_for_path = path_renderer({"/v1/": openai.render_error})
+    install_error_handlers(app, render_for_path)
     install_guards(app, settings, render_for_path)
     app.include_router(native.router)
     app.include_router(native_pull.router)
     app.include_router(ollama.router)
+    app.include_router(ollama_models.router)
     app.include_router(openai.router)
     return app

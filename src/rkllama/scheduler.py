@@ -19,7 +19,6 @@ from .context_size import ContextLimits, default_kv_budget
 from .errors import ModelLoadError, RunnerError, ServerBusy, ServerShuttingDown
 from .runner.client import RunnerLimits, RunnerProcess
 from .runner.engines.base import LoadSpec
-from .store.gguf_info import gguf_info
 from .store.models_dir import ModelEntry, ModelStore
 from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
 
@@ -89,7 +88,7 @@ class Scheduler:
     # --- load / unload --------------------------------------------------------------
     def context_limits(self, entry: ModelEntry) -> ContextLimits:
         """What sizes the context of `entry` (its GGUF header, Modelfile and the settings)."""
-        metadata = gguf_info(entry.path).metadata if entry.format == "gguf" else {}
+        metadata = self.store.file_facts.gguf(entry.path).metadata if entry.format == "gguf" else {}
         return ContextLimits.of(metadata, dict(entry.modelfile.values), self.context_length, self.kv_budget)
 
     def default_context(self, entry: ModelEntry) -> int | None:

@@ -25,7 +25,7 @@ from ..errors import BadRequest
 from ..scheduler import LoadedModel
 from ..store.names import resolve_model
 from ..toolcalls import ToolCall, may_become_tool_call, parse_tool_calls
-from ..types import Usage
+from ..types import DoneEvent, TokenEvent, Usage
 from .common import AppState, json_object
 from .limits import KEEP_ALIVE_MAX_SECONDS, shown
 
@@ -125,6 +125,18 @@ async def started(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
             await events.aclose()  # type: ignore[attr-defined]
 
     return chained()
+
+
+async def collect(events: AsyncIterator[TokenEvent | DoneEvent]) -> tuple[str, DoneEvent | None]:
+    """A non-streamed answer: the whole text, and the final event (None if there was none)."""
+    parts: list[str] = []
+    done: DoneEvent | None = None
+    async for event in events:
+        if isinstance(event, DoneEvent):
+            done = event
+        else:
+            parts.append(event.text)
+    return "".join(parts), done
 
 
 # --- keep_alive ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..settings import RequestLimits
 from ..store.pulls import is_being_pulled
 from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
 from .common import AppState, app_state, json_object, optional, optional_stop
-from .dialect import truncation
+from .dialect import collect, truncation
 from .limits import SAMPLING, check_generate
 from .schemas import native as docs
 
@@ -166,14 +166,8 @@ async def generate(request: Request, state: AppState = Depends(app_state)) -> An
     created = int(time.time())
     if stream:
         return StreamingResponse(_stream(state, model, generate_request, created), media_type="text/plain")
-    parts: list[str] = []
-    done: DoneEvent | None = None
-    async for event in state.scheduler.generate(model, generate_request):
-        if isinstance(event, DoneEvent):
-            done = event
-        else:
-            parts.append(event.text)
-    return _body(created, "".join(parts), done)
+    text, done = await collect(state.scheduler.generate(model, generate_request))
+    return _body(created, text, done)
 
 
 async def _stream(state: AppState, model: LoadedModel, request: GenerateRequest, created: int) -> AsyncIterator[str]:

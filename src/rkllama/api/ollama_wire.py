@@ -3,6 +3,8 @@ internal GenerateRequest. Unknown fields are ignored, as Ollama does."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -209,3 +211,16 @@ class CreateBody(_Wire):
         if isinstance(obj, dict) and "from" in obj:
             obj = {**obj, "from_": obj["from"]}
         return super().model_validate(obj, **kwargs)
+
+
+NDJSON = "application/x-ndjson"
+
+
+def ndjson(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Ollama's stream framing: one JSON object per line."""
+
+    async def lines() -> AsyncIterator[str]:
+        async for item in items:
+            yield json.dumps(item) + "\n"
+
+    return lines()

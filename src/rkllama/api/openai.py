@@ -21,7 +21,7 @@ from ..store.names import openai_id, resolve_model
 from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest, Usage
 from .common import AppState, app_state
-from .dialect import ReplyText, load_target, parse_body, started, truncation
+from .dialect import ReplyText, collect, load_target, parse_body, started, truncation
 from .openai_wire import ChatBody, CompletionBody, EmbeddingsBody
 from .schemas import openai as docs
 
@@ -176,14 +176,8 @@ async def _complete(state: AppState, body: ChatBody | CompletionBody, chat: bool
     events = state.scheduler.generate(target.model, generate_request)
     if body.stream:
         return _sse(completion.stream(await started(events)))
-    parts: list[str] = []
-    done: DoneEvent | None = None
-    async for event in events:
-        if isinstance(event, DoneEvent):
-            done = event
-        else:
-            parts.append(event.text)
-    return completion.reply("".join(parts), done)
+    text, done = await collect(events)
+    return completion.reply(text, done)
 
 
 @router.post("/v1/chat/completions", **docs.CHAT)

@@ -30,8 +30,9 @@ from dataclasses import asdict
 from typing import Any
 
 from ..types import EmbedRequest, GenerateRequest, TokenEvent
-from .engines.base import Engine, EngineError, LoadSpec, create_engine
+from .engines.base import Engine, EngineError, LoadSpec
 from .engines.cpu_threads import apply_wait_policy
+from .engines.factory import create_engine
 from .protocol import decode, encode
 
 log = logging.getLogger("rkllama.runner")

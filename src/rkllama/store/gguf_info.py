@@ -1,7 +1,7 @@
 """What /api/tags and /api/show tell about a model file: family, parameter count,
 quantization (read from the GGUF header without loading the model) and a sha256 digest.
 
-Both are cached per file (path, size, mtime), since clients poll the tag list. The
+Both are cached per file (path, size, mtime) by ModelFileFacts, since clients poll the tag list. The
 digest hashes the whole file once, in a worker thread, and is remembered across restarts in
 `<models dir>/.digests.json` (a dot-file: never listed), as hashing gigabytes on a small
 board takes a while.
@@ -138,22 +138,14 @@ def read_gguf(path: Path) -> GgufInfo:
     return info
 
 
-_info_cache: dict[tuple[str, int, int], GgufInfo] = {}
-_digest_cache: dict[tuple[str, int, int], str] = {}
-
-
 def _key(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def gguf_info(path: Path) -> GgufInfo:
-    if path.suffix.lower() != ".gguf":
-        return GgufInfo()
-    key = _key(path)
-    if key not in _info_cache:
-        _info_cache[key] = read_gguf(path)
-    return _info_cache[key]
+    """The header of a .gguf file, read now (ModelFileFacts.gguf caches it); empty otherwise."""
+    return read_gguf(path) if path.suffix.lower() == ".gguf" else GgufInfo()
 
 
 def _sha256(path: Path) -> str:
@@ -187,19 +179,35 @@ def _save_digests(root: Path, digests: dict[str, str]) -> None:
         os.replace(temp, root / DIGESTS_FILE)
 
 
-async def file_digest(path: Path, root: Path | None = None) -> str:
-    """sha256 of the model file, hex; computed once per file version (remembered in `root`)."""
-    key = _key(path)
-    if key in _digest_cache:
-        return _digest_cache[key]
-    persisted = _load_digests(root) if root is not None else {}
-    record = f"{path.relative_to(root) if root is not None else path}|{key[1]}|{key[2]}"
-    digest = persisted.get(record)
-    if digest is None:
-        digest = await asyncio.to_thread(_sha256, path)
-        if root is not None:
+class ModelFileFacts:
+    """GGUF headers and digests of one models dir's files, cached per file version (path,
+    size, mtime): clients poll the tag list. Lives on the ModelStore."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._info: dict[tuple[str, int, int], GgufInfo] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    def gguf(self, path: Path) -> GgufInfo:
+        if path.suffix.lower() != ".gguf":
+            return GgufInfo()
+        key = _key(path)
+        if key not in self._info:
+            self._info[key] = read_gguf(path)
+        return self._info[key]
+
+    async def digest(self, path: Path) -> str:
+        """sha256 of the model file, hex; computed once per file version (remembered in the dir)."""
+        key = _key(path)
+        if key in self._digests:
+            return self._digests[key]
+        root = self.root
+        record = f"{path.relative_to(root)}|{key[1]}|{key[2]}"
+        digest = _load_digests(root).get(record)
+        if digest is None:
+            digest = await asyncio.to_thread(_sha256, path)
             persisted = {k: v for k, v in _load_digests(root).items() if (root / k.split("|")[0]).exists()}
             persisted[record] = digest
             _save_digests(root, persisted)
-    _digest_cache[key] = digest
-    return digest
+        self._digests[key] = digest
+        return digest

@@ -14,9 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import BadRequest, ModelNotFound
+from .gguf_info import ModelFileFacts
 from .inside import OutsideModelsDir, is_inside, relative
 from .modelfile import MODELFILE_NAME, Modelfile, read_modelfile
 from .name_rules import check_store_name, name_problem, shown
+from .pulls import PullRegistry
 
 MODEL_SUFFIXES = {".gguf": "gguf", ".rkllm": "rkllm"}
 # Files a pull is still writing; never listed.
@@ -58,6 +60,8 @@ def _is_model_file(path: Path) -> bool:
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser()
+        self.file_facts = ModelFileFacts(self.root)  # GGUF headers and digests, cached
+        self.pulls = PullRegistry()  # pulls in progress into this dir
 
     def ensure_exists(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

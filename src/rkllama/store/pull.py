@@ -45,7 +45,6 @@ from .inside import is_inside, write_text_inside
 from .modelfile import MODELFILE_NAME, Modelfile, read_modelfile
 from .models_dir import ModelStore
 from .pull_ref import PullError, PullRef
-from .pulls import registry_for
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +251,7 @@ def _up_to_date(store: ModelStore, ref: PullRef, remote: RemoteFile) -> bool:
 
 
 def _pull_blocking(store: ModelStore, ref: PullRef, remote: RemoteFile, watch: _Watch) -> None:
-    registry = registry_for(store)
+    registry = store.pulls
     check_staging(store)
     with registry.target_lock(ref.model_name), registry.staging(store.root / STAGING_DIR) as staging:
         check_target(store, ref)
@@ -348,7 +347,7 @@ async def pull_model(store: ModelStore, ref: PullRef) -> AsyncIterator[PullProgr
     watch = _Watch(total=remote.size, completed=_resume_size(part))
     # Said before the thread starts, so the first progress is where the download resumes.
     yield PullProgress("downloading", ref.filename, total=remote.size, completed=min(watch.completed, remote.size))
-    registry = registry_for(store)
+    registry = store.pulls
     registry.begin(ref.model_name)
     loop = asyncio.get_running_loop()
     try:

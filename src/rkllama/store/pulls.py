@@ -1,5 +1,6 @@
-"""Pulls in progress, per models dir: which model names are being pulled (so `rm` can refuse
-them) and one lock per target, so two pulls of the same model never write the same files.
+"""Pulls in progress, per models dir (its ModelStore holds the registry): which model names
+are being pulled (so `rm` can refuse them) and one lock per target, so two pulls of the same
+model never write the same files.
 
 Pulls run in worker threads, hence threading locks. One server process per models dir is
 assumed: the locks do not reach across processes.
@@ -12,8 +13,10 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .models_dir import ModelStore
+if TYPE_CHECKING:
+    from .models_dir import ModelStore
 
 
 class PullRegistry:
@@ -61,17 +64,6 @@ class PullRegistry:
                         folder.rmdir()
 
 
-# Keyed by the models dir, so every app (and test) using a dir shares its registry.
-_REGISTRIES: dict[str, PullRegistry] = {}
-_REGISTRIES_GUARD = threading.Lock()
-
-
-def registry_for(store: ModelStore) -> PullRegistry:
-    key = str(store.root.resolve())
-    with _REGISTRIES_GUARD:
-        return _REGISTRIES.setdefault(key, PullRegistry())
-
-
 def is_being_pulled(store: ModelStore, name: str) -> bool:
     """True while a pull is writing model `name` (a folder name in the models dir)."""
-    return registry_for(store).active(name)
+    return store.pulls.active(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from ...types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
@@ -54,35 +53,3 @@ class Engine(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def close(self) -> None: ...
-
-
-def check_model_file(spec: LoadSpec) -> None:
-    """Refuse a file that cannot be a whole model with words, before a native library
-    fails on it with none (or crashes)."""
-    from .gguf_check import GgufProblem, check_gguf
-
-    path = Path(spec.path)
-    advice = "the file is damaged or incomplete; pull it again."
-    try:
-        if path.stat().st_size == 0:
-            raise GgufProblem("is empty (0 bytes)")
-        if spec.format == "gguf":
-            check_gguf(path)
-    except GgufProblem as problem:
-        raise EngineError(f"{path.name} {problem}: {advice}") from None
-    except OSError as exc:
-        raise EngineError(f"{path.name} cannot be read ({exc.strerror}).") from None
-
-
-def create_engine(spec: LoadSpec) -> Engine:
-    """The model file's format picks the engine."""
-    check_model_file(spec)
-    if spec.format == "gguf":
-        from .llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(spec)
-    if spec.format == "rkllm":
-        from .rkllm import RkllmEngine
-
-        return RkllmEngine(spec)
-    raise EngineError(f"No engine for model format {spec.format!r}.")
