@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 
 import httpx
 import ollama
 import pytest
 
+from json_prefix import is_json_prefix
 from rkllama.store.default_model import DEFAULT_MODEL_NAME
 
 MODEL = "smollm2:135m"  # resolves to SmolLM2-135M-Instruct, the default model
@@ -112,7 +114,7 @@ def test_generate_raw_prompt_and_stop(client: ollama.Client) -> None:
     assert "," not in reply.response
 
 
-def test_json_schema_format_always_parses(client: ollama.Client) -> None:
+def test_json_schema_answer_parses_and_json_format_stays_json(client: ollama.Client) -> None:
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -126,10 +128,15 @@ def test_json_schema_format_always_parses(client: ollama.Client) -> None:
     )
     person = json.loads(reply.message.content)
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    # Free-form JSON may run to the token limit: what came by then is still JSON, cut.
     reply = client.generate(
         model=MODEL, prompt="A JSON object about a cat:", format="json", options={"num_predict": 60, "temperature": 0}
     )
-    assert isinstance(json.loads(reply.response), dict)
+    if reply.done_reason == "stop":
+        assert isinstance(json.loads(reply.response), dict)
+    else:
+        assert reply.done_reason == "length" and reply.response.lstrip().startswith("{")
+        assert is_json_prefix(reply.response), reply.response
 
 
 def get_weather(city: str) -> str:
@@ -142,6 +149,11 @@ def get_weather(city: str) -> str:
       str: The weather
     """
     return f"Sunny in {city}"
+
+
+def station_log(words: int) -> str:
+    """Text no earlier request has sent: its tokens are evaluated, never reused from a cache."""
+    return " ".join(secrets.token_hex(3) for _ in range(words))
 
 
 def test_tool_call_comes_back_as_tool_calls(client: ollama.Client) -> None:
@@ -180,14 +192,17 @@ def test_tool_call_comes_back_as_tool_calls(client: ollama.Client) -> None:
     assert "".join(p.message.content or "" for p in parts) == ""
     streamed = [c for p in parts for c in p.message.tool_calls or []]
     assert [c.function.name for c in streamed] == ["get_weather"]
-    # The round trip: the tool's result goes back in and the model answers in text.
-    result = get_weather(**calls[0].function.arguments)
+    # The round trip: the tool's result goes back in and the model answers in text. What a
+    # 135M model makes of the result is its own affair; that the result was read into the
+    # prompt shows in the count: a never-seen-before log of 600 words cannot come from a cache.
+    log = station_log(600)
+    result = f"{get_weather(**calls[0].function.arguments)}. Station log: {log}"
     messages += [reply.message, {"role": "tool", "content": result, "tool_name": "get_weather"}]
     final = client.chat(
         model=MODEL, messages=messages, tools=[get_weather], options={"num_predict": 20, "temperature": 0}
     )
-    assert not final.message.tool_calls
-    assert "sunny" in final.message.content.lower()  # it read the tool's result
+    assert not final.message.tool_calls and final.message.content
+    assert final.prompt_eval_count >= 600
 
 
 def test_embed_and_embeddings(client: ollama.Client) -> None:

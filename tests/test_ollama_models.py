@@ -4,7 +4,6 @@ hub is the emulator on loopback."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import ollama
 import pytest
 
 from conftest import RkllamaServer, make_models_dir
+from faults_support import wait_until
 from hub_emulator import HubEmulator
 from rkllama.store.default_model import DEFAULT_MODEL_NAME, packaged_default_model
 
@@ -103,15 +103,6 @@ def test_create_from_modelfile_text(client: ollama.Client, private: RkllamaServe
         client.create(model="x", from_="no-such-model")
     assert error.value.status_code == 404 and error.value.error == "model 'no-such-model' not found"
     assert names(client) == [DEFAULT]
-
-
-def wait_until(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 def test_keep_alive(client: ollama.Client) -> None:

@@ -111,14 +111,17 @@ def test_json_schema_chat_alongside_a_plain_request(server):
         )
         return reply.message.content
 
-    alone = (structured(), plain())
+    # Each grammar stays with its own request: every structured answer is the schema's JSON,
+    # every plain one is prose. (The texts themselves are not compared with lone runs: llama.cpp's
+    # logits differ in the last bits between batch sizes, so a greedy tie may break either way.)
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(structured), pool.submit(plain), pool.submit(structured), pool.submit(plain)]
         together = [f.result() for f in futures]
-    assert together == [*alone, *alone]
-    person = json.loads(alone[0])
-    assert isinstance(person["name"], str) and isinstance(person["age"], int)
-    assert not alone[1].lstrip().startswith("{")
+    for answer in together[0::2]:
+        person = json.loads(answer)
+        assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    for answer in together[1::2]:
+        assert not answer.lstrip().startswith("{") and len(answer.split()) > 5, answer
 
 
 def test_runner_killed_with_three_requests_in_flight(start_server):
