@@ -14,11 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .api import native, native_pull, ollama, ollama_models, openai
 from .api.common import AppState
+from .api.dialect import parse_keep_alive
 from .api.guards import install_guards
+from .api.observe import install_observability
 from .errors import RkllamaError
 from .runner.client import RunnerLimits
 from .scheduler import Scheduler
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .store.default_model import DEFAULT_MODEL_NAME, install_default_model
 from .store.models_dir import ModelStore
 
@@ -55,7 +57,9 @@ def install_error_handlers(app: FastAPI, render_for_path: PathRenderer) -> None:
 
     @app.exception_handler(RkllamaError)
     async def on_rkllama_error(request: Request, exc: RkllamaError) -> JSONResponse:
-        return render_error(request, exc.status_code, exc.message)
+        response = render_error(request, exc.status_code, exc.message)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -103,6 +107,9 @@ def create_app(settings: Settings) -> FastAPI:
         kv_budget=settings.kv_budget_bytes(),
         runner_limits=limits,
         unload_grace=settings.unload_grace,
+        memory_budget=settings.memory_budget_bytes(),
+        max_queue=settings.max_queue,
+        keep_alive=server_keep_alive(settings.keep_alive),
     )
 
     @contextlib.asynccontextmanager
@@ -124,4 +131,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(ollama_models.router)
     app.include_router(openai.router)
+    install_observability(app, scheduler)  # last: its request counter sees the guards' refusals too
     return app
+
+
+def server_keep_alive(text: str) -> float | None:
+    """--keep-alive in seconds; None (negative values) keeps dialect-loaded models for good."""
+    try:
+        seconds = parse_keep_alive(text)
+    except RkllamaError as exc:
+        raise SettingsError(f"--keep-alive (RKLLAMA_KEEP_ALIVE): {exc.message}") from None
+    return None if seconds is None or seconds < 0 else seconds

@@ -90,6 +90,21 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--max-loaded-models", type=int, help="models kept loaded at once (env RKLLAMA_MAX_LOADED_MODELS, default 1)"
     )
     serve.add_argument(
+        "--memory-budget",
+        help="memory all loaded models may take together: a share of available RAM (80%%, 0.8) or a size "
+        "(6GiB) (env RKLLAMA_MEMORY_BUDGET, default 80%%)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        help="requests that may wait for a model at once; more get a 503 (env RKLLAMA_MAX_QUEUE, default 512)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        help="how long a model loaded for an Ollama/OpenAI request stays loaded when idle, e.g. 5m, 1h, -1 "
+        "for good (env RKLLAMA_KEEP_ALIVE, default 5m)",
+    )
+    serve.add_argument(
         "--context-length",
         type=int,
         help="context for models without NUM_CTX (env RKLLAMA_CONTEXT_LENGTH; default: the trained context)",

@@ -11,6 +11,11 @@ class RkllamaError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error response carries besides its body."""
+        return {}
+
 
 class BadRequest(RkllamaError):
     status_code = 400
@@ -35,11 +40,25 @@ class Unauthorized(RkllamaError):
 
 
 class ServerBusy(RkllamaError):
+    """Too much is waiting already: the client may retry after `retry_after` seconds."""
+
     status_code = 503
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ModelLoadError(BadRequest):
     """The model could not be loaded (bad file, missing runtime library, ...)."""
+
+
+class ModelTooLarge(BadRequest):
+    """The model can never fit in the memory budget, even with every other model unloaded."""
 
 
 class RunnerError(RkllamaError):

@@ -1,9 +1,16 @@
 """The scheduler alone owns which models are loaded.
 
-Each loaded model has one runner subprocess. Requests for a model queue on its runner.
-The native API keeps RKLLama's single "current model" (the most recently loaded one);
-the Ollama/OpenAI dialects may name any model, which is then loaded on demand, evicting
-the least recently used idle model when `max_loaded_models` is reached.
+Each loaded model has one runner subprocess. Requests for a model queue on its runner, in
+arrival order; requests to different models run side by side. The native API keeps RKLLama's
+single "current model" (the most recently loaded one); the Ollama/OpenAI dialects may name any
+model, which is then loaded on demand.
+
+A load first makes room: the least recently used idle models are unloaded until both
+`max_loaded_models` and the memory budget (memory.py) allow the new one; a model that could
+never fit is refused before anything is unloaded. Each model has its own load lock, so a slow
+load of one never delays requests to another that is loaded. Requests waiting for a model
+(queued behind its running ones, or for its load) are bounded by `max_queue` server-wide; past
+it a request gets a 503 with Retry-After, as Ollama's OLLAMA_MAX_QUEUE.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .context_size import ContextLimits, default_kv_budget
-from .errors import ModelLoadError, RunnerError, ServerBusy, ServerShuttingDown
+from .errors import ModelLoadError, ModelTooLarge, RunnerError, ServerBusy, ServerShuttingDown
+from .memory import MemoryNeed, gguf_need, mib, rkllm_need
+from .metrics import Metrics
 from .runner.client import RunnerLimits, RunnerProcess
 from .runner.engines.base import LoadSpec
 from .store.models_dir import ModelEntry, ModelStore
@@ -35,10 +44,16 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
-    # Monotonic deadline after which an idle model is unloaded; None keeps it loaded.
-    expires_at: float | None = None
+    # Seconds an idle model stays loaded after its last use; None keeps it loaded.
+    keep_alive: float | None = None
     # A larger context a waiting request needs: the model is reloaded at it once idle.
     reload_context: int | None = None
+    memory: MemoryNeed = field(default_factory=lambda: MemoryNeed(0, 0))
+
+    @property
+    def expires_at(self) -> float | None:
+        """Monotonic time after which the model is unloaded once idle; None: never."""
+        return None if self.keep_alive is None else self.last_used + self.keep_alive
 
     @property
     def name(self) -> str:
@@ -59,6 +74,10 @@ class Scheduler:
         kv_budget: int | None = None,
         runner_limits: RunnerLimits | None = None,
         unload_grace: float = 30.0,
+        memory_budget: int | None = None,
+        max_queue: int = 512,
+        keep_alive: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.context_length = context_length
@@ -67,9 +86,17 @@ class Scheduler:
         limits = runner_limits or RunnerLimits()
         self._runner_factory = runner_factory or (lambda spec, on_exit: RunnerProcess(spec, on_exit, limits))
         self.unload_grace = unload_grace
+        self.memory_budget = memory_budget  # None: unbounded
+        self.max_queue = max(0, max_queue)
+        # How long a model loaded for a dialect request stays loaded when idle (None: for good).
+        self.default_keep_alive = keep_alive
+        self.metrics = metrics or Metrics()
         self._loaded: dict[str, LoadedModel] = {}
         self._draining: dict[str, asyncio.Event] = {}  # models being unloaded -> set once gone
-        self._load_lock = asyncio.Lock()
+        self._starting: dict[str, MemoryNeed] = {}  # models being loaded -> what they will take
+        self._model_locks: dict[str, asyncio.Lock] = {}
+        self._room_lock = asyncio.Lock()  # one decision at a time about what to evict
+        self._waiting_for_load = 0
         self._current: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._shutting_down = False
@@ -98,17 +125,54 @@ class Scheduler:
             return loaded.info.context_length
         return self.context_limits(entry).plan().context if entry.format == "gguf" else None
 
-    async def load(self, name: str, overrides: dict | None = None) -> LoadedModel:
+    def memory_need(self, entry: ModelEntry, context: int | None, parallel: int) -> MemoryNeed:
+        """What `entry` takes once loaded with this context and number of sequences."""
+        if entry.format == "gguf":
+            facts = self.context_limits(entry)
+            return gguf_need(entry.size, facts.bytes_per_token, context or facts.plan().context, parallel)
+        return rkllm_need(entry.size)
+
+    def memory_in_use(self) -> int:
+        return sum(m.memory.total for m in self._loaded.values()) + sum(n.total for n in self._starting.values())
+
+    def queue_depth(self, name: str | None = None) -> int:
+        """Requests waiting (not yet running) for `name`, or for any model."""
+        models = [self._loaded[name]] if name in self._loaded else [] if name else list(self._loaded.values())
+        waiting = sum(max(0, m.runner.pending - m.info.parallel) for m in models)
+        return waiting + (self._waiting_for_load if name is None else 0)
+
+    def admit(self) -> None:
+        """Refuse a new request when `max_queue` requests wait already: a 503 the client may retry."""
+        if self.queue_depth() >= self.max_queue:
+            self.metrics.rejected.inc()
+            raise ServerBusy(
+                f"Server busy: {self.max_queue} requests are waiting already (RKLLAMA_MAX_QUEUE). Retry shortly.",
+                retry_after=1,
+            )
+
+    def _lock_for(self, name: str) -> asyncio.Lock:
+        return self._model_locks.setdefault(name, asyncio.Lock())
+
+    async def load(self, name: str, overrides: dict | None = None, *, for_dialect: bool = False) -> LoadedModel:
         """Load `name` (a model in the store) unless it is already loaded.
 
         A `num_ctx` override larger than the loaded context waits until the model is idle (its
         requests in flight done), then reloads it at that size; requests arriving meanwhile
         wait for the reload too, so the wait ends. A smaller or equal one uses the loaded model
-        (its requests are trimmed to their own num_ctx by the engine)."""
+        (its requests are trimmed to their own num_ctx by the engine). A model loaded
+        `for_dialect` gets the server's default keep-alive."""
         entry = self.store.resolve(name)
         overrides = dict(overrides or {})
         while True:
-            async with self._load_lock:
+            lock = self._lock_for(entry.name)
+            if lock.locked():
+                self.admit()  # a request queued behind a load counts as waiting
+            self._waiting_for_load += 1
+            try:
+                await lock.acquire()
+            finally:
+                self._waiting_for_load -= 1
+            try:
                 existing = self._loaded.get(entry.name)
                 busy_model = None
                 if existing is not None and existing.runner.alive:
@@ -129,27 +193,37 @@ class Scheduler:
                         await self.unload(entry.name)
                         overrides["num_ctx"] = needed
                 if busy_model is None:
-                    return await self._start(entry, overrides)
+                    model = await self._start(entry, overrides)
+                    if for_dialect:
+                        model.keep_alive = self.default_keep_alive
+                    return model
+            finally:
+                lock.release()
             log.info("Waiting for %s to be idle to reload it with a context of %d", entry.name, needed)
             await busy_model.runner.wait_idle()
 
     async def _start(self, entry: ModelEntry, overrides: dict) -> LoadedModel:
-        """Caller holds the load lock."""
+        """Caller holds the model's load lock."""
         # A model being unloaded still holds its memory (and may be this one): wait.
         for drained in list(self._draining.values()):
             await drained.wait()
         if self._shutting_down:
             raise ServerShuttingDown()
-        await self._make_room()
+        parallel = 1
         if entry.format == "gguf":
             limits = self.context_limits(entry)
             plan = limits.plan(overrides.get("num_ctx"))
             overrides["num_ctx"] = plan.context
+            parallel = plan.parallel
             if plan.parallel < limits.parallel:  # else the engine reads (and checks) NUM_PARALLEL itself
                 overrides["num_parallel"] = plan.parallel
             log.info("Loading %s: context %d x %d sequences (%s)", entry.name, plan.context, plan.parallel, plan.reason)
         elif self.context_length and not overrides.get("num_ctx") and not entry.modelfile.get("NUM_CTX"):
             overrides["num_ctx"] = self.context_length  # rkllm: no trained context to read
+        need = self.memory_need(entry, overrides.get("num_ctx"), parallel)
+        async with self._room_lock:
+            await self._make_room(entry.name, need)
+            self._starting[entry.name] = need
         spec = LoadSpec(
             name=entry.name,
             path=str(entry.path),
@@ -157,23 +231,41 @@ class Scheduler:
             modelfile=dict(entry.modelfile.values),
             overrides=overrides,
         )
-        runner = self._runner_factory(spec, self._runner_exited)
         started = time.monotonic()
-        info = await runner.start()
-        model = LoadedModel(entry=entry, runner=runner, info=info, load_seconds=time.monotonic() - started)
+        try:
+            runner = self._runner_factory(spec, self._runner_exited)
+            info = await runner.start()
+        finally:
+            del self._starting[entry.name]
+        model = LoadedModel(entry=entry, runner=runner, info=info, load_seconds=time.monotonic() - started, memory=need)
         self._loaded[entry.name] = model
         self._current = entry.name
-        log.info("Loaded %s (%s) in %.2fs", entry.name, info.engine, model.load_seconds)
+        self.metrics.load_seconds.labels(model=entry.name).observe(model.load_seconds)
+        log.info("Loaded %s (%s) in %.2fs, %s", entry.name, info.engine, model.load_seconds, need.describe())
         return model
 
-    async def _make_room(self) -> None:
-        while len(self._loaded) >= self.max_loaded_models:
+    def _fits(self, need: MemoryNeed) -> bool:
+        slots_free = len(self._loaded) + len(self._starting) < self.max_loaded_models
+        memory_free = self.memory_budget is None or self.memory_in_use() + need.total <= self.memory_budget
+        return slots_free and memory_free
+
+    async def _make_room(self, name: str, need: MemoryNeed) -> None:
+        """Unload the least recently used idle models until `need` fits. Caller holds the room lock."""
+        if self.memory_budget is not None and need.total > self.memory_budget:
+            raise ModelTooLarge(
+                f"Model {name} needs {need.describe()}, more than the memory budget of "
+                f"{mib(self.memory_budget)} MiB (--memory-budget). Lower its context (num_ctx, NUM_CTX) or "
+                "NUM_PARALLEL, or raise the budget."
+            )
+        while not self._fits(need):
             idle = sorted((m for m in self._loaded.values() if not m.busy), key=lambda m: m.last_used)
             if not idle:
                 raise ServerBusy(
-                    "Server busy: every loaded model is answering requests. Retry shortly, "
-                    "or start the server with a higher --max-loaded-models."
+                    "Server busy: every loaded model is answering requests and there is no room for "
+                    f"{name}. Retry shortly, or raise --max-loaded-models or --memory-budget.",
+                    retry_after=5,
                 )
+            log.info("Unloading %s (least recently used) to make room for %s", idle[0].name, name)
             await self.unload(idle[0].name)
 
     async def unload(self, name: str, grace: float | None = None) -> bool:
@@ -210,6 +302,7 @@ class Scheduler:
                 del self._loaded[name]
                 if self._current == name:
                     self._current = None
+                self.metrics.runner_exits.labels(model=name).inc()
                 log.warning("Model %s is no longer loaded: its runner exited", name)
 
     # --- keep-alive -----------------------------------------------------------------
@@ -217,7 +310,8 @@ class Scheduler:
         """None keeps the model loaded; a number unloads it that long after its last use."""
         model = self._loaded.get(name)
         if model is not None:
-            model.expires_at = None if seconds is None else time.monotonic() + max(0.0, seconds)
+            model.keep_alive = None if seconds is None else max(0.0, seconds)
+            model.last_used = time.monotonic()
 
     def start_sweeper(self, interval: float = 1.0) -> None:
         async def sweep() -> None:
@@ -225,7 +319,8 @@ class Scheduler:
                 await asyncio.sleep(interval)
                 now = time.monotonic()
                 for model in list(self._loaded.values()):
-                    if model.expires_at is not None and model.expires_at <= now and not model.busy:
+                    expires_at = model.expires_at
+                    if expires_at is not None and expires_at <= now and not model.busy:
                         try:
                             await self.unload(model.name)
                         except Exception:  # one model's failure must not end keep-alive for all
@@ -252,26 +347,38 @@ class Scheduler:
 
     # --- work -----------------------------------------------------------------------
     async def generate(self, model: LoadedModel, request: GenerateRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
+        self.admit()
         model.last_used = time.monotonic()
+        timing = self.metrics.timing(model.name)
         try:
             async with contextlib.aclosing(model.runner.generate(request)) as events:
                 async for event in events:
-                    if isinstance(event, DoneEvent) and event.usage.truncated:
-                        log.warning(
-                            "Prompt for %s trimmed to fit the context: %d oldest messages dropped, %d tokens cut; "
-                            "%d tokens remain",
-                            model.name,
-                            event.usage.dropped_messages,
-                            event.usage.truncated_tokens,
-                            event.usage.prompt_tokens,
-                        )
+                    if isinstance(event, DoneEvent):
+                        timing.done(event.usage)
+                        if event.usage.truncated:
+                            log.warning(
+                                "Prompt for %s trimmed to fit the context: %d oldest messages dropped, "
+                                "%d tokens cut; %d tokens remain",
+                                model.name,
+                                event.usage.dropped_messages,
+                                event.usage.truncated_tokens,
+                                event.usage.prompt_tokens,
+                            )
+                    else:
+                        timing.token()
                     yield event
         finally:
             model.last_used = time.monotonic()
 
     async def embed(self, model: LoadedModel, request: EmbedRequest) -> EmbedResult:
+        self.admit()
         model.last_used = time.monotonic()
-        return await model.runner.embed(request)
+        try:
+            result = await model.runner.embed(request)
+        finally:
+            model.last_used = time.monotonic()
+        self.metrics.prompt_tokens.labels(model=model.name).inc(result.prompt_tokens)
+        return result
 
 
 __all__ = ["LoadedModel", "ModelLoadError", "RunnerError", "Scheduler"]

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from .context_size import default_kv_budget, parse_size
 from .errors import RkllamaError
+from .memory import parse_memory_budget
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MODELS_DIR = "~/RKLLAMA/models"
 # Generous: a chat with a few base64 images fits; one request cannot fill the memory.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 512
+DEFAULT_KEEP_ALIVE = "5m"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -26,16 +29,6 @@ def _env_bool(name: str) -> bool:
 
 class SettingsError(RkllamaError):
     """A setting that cannot be used; the server does not start."""
-
-
-def _env_int(name: str, default: int) -> int:
-    text = (_env(name) or "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise SettingsError(f"RKLLAMA_{name} must be a whole number, got {text!r}.") from None
 
 
 def comma_list(text: str | None) -> list[str]:
@@ -110,6 +103,14 @@ class Settings:
     # Model to load at start instead of the built-in default.
     model: str | None = field(default_factory=lambda: _env("MODEL") or None)
     max_loaded_models: int = field(default_factory=lambda: int(_env("MAX_LOADED_MODELS", "1") or 1))
+    # Memory all loaded models may take together: "80%" or "0.8" of the memory available at
+    # start, or a size ("6GiB"); None: 80% (memory.py).
+    memory_budget: str | None = field(default_factory=lambda: _env("MEMORY_BUDGET") or None)
+    # Requests that may wait for a model at once (as OLLAMA_MAX_QUEUE); more get a 503.
+    max_queue: int = field(default_factory=lambda: _env_int("MAX_QUEUE", DEFAULT_MAX_QUEUE))
+    # How long a model loaded for an Ollama/OpenAI request stays loaded when idle (Ollama's
+    # duration syntax; a negative value: for good), unless a request's keep_alive says otherwise.
+    keep_alive: str = field(default_factory=lambda: _env("KEEP_ALIVE") or DEFAULT_KEEP_ALIVE)
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Context length for models whose Modelfile sets no NUM_CTX; None: the trained context
     # (within the KV cache budget). See context_size.py.
@@ -129,6 +130,12 @@ class Settings:
 
     def kv_budget_bytes(self) -> int:
         return parse_size(self.kv_cache_budget) if self.kv_cache_budget else default_kv_budget()
+
+    def memory_budget_bytes(self) -> int:
+        try:
+            return parse_memory_budget(self.memory_budget)
+        except ValueError as exc:
+            raise SettingsError(f"--memory-budget (RKLLAMA_MEMORY_BUDGET): {exc}.") from None
 
     @classmethod
     def names(cls) -> list[str]:

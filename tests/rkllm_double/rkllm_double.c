@@ -17,6 +17,8 @@
  *   RKLLM_DOUBLE_FAIL_TRIGGER=s  only fail when the model path (init) or prompt (run, crash)
  *                                contains s
  *   RKLLM_DOUBLE_DELAY_MS=n      sleep n ms before each word
+ *   RKLLM_DOUBLE_INIT_GATE=path  rkllm_init waits until this file exists (a load as slow as
+ *                                the test wants, ended by the test, not by a clock)
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdarg.h>
@@ -24,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "rkllm_layout.h"
 
@@ -103,6 +106,14 @@ static void delay(void) {
     nanosleep(&ts, NULL);
 }
 
+static void wait_for_gate(void) {
+    const char *gate = getenv("RKLLM_DOUBLE_INIT_GATE");
+    if (!gate || !*gate) return;
+    log_line("init waiting for %s", gate);
+    struct timespec ts = {0, 10 * 1000000L};
+    while (access(gate, F_OK) != 0) nanosleep(&ts, NULL);
+}
+
 __attribute__((unused)) static const char *safe(const char *s) { return s ? s : ""; }
 
 RKLLMParam rkllm_createDefaultParam(void) {
@@ -130,6 +141,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
 #endif
     printf("I rkllm: test double of the rkllm runtime (%s)\n", VERSION_FOR_LOG);
     fflush(stdout);
+    wait_for_gate();
     if (!handle || !param || !param->model_path || !callback) return -1;
     if (should_fail("init", param->model_path)) {
         log_line("init failed (injected)");

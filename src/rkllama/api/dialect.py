@@ -87,7 +87,7 @@ async def load_target(state: AppState, requested: object, num_ctx: int | None = 
     if num_ctx is not None:
         scheduler.context_limits(entry).check_request(num_ctx)
     loaded = scheduler.get_loaded(entry.name)
-    model = await scheduler.load(entry.name, {"num_ctx": num_ctx} if num_ctx else None)
+    model = await scheduler.load(entry.name, {"num_ctx": num_ctx} if num_ctx else None, for_dialect=True)
     fresh = loaded is None or model is not loaded
     return Target(model=model, name=entry.name, load_seconds=model.load_seconds if fresh else 0.0, started=started)
 

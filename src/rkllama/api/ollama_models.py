@@ -109,6 +109,7 @@ async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
         summary = await _model_summary(state.store, loaded.entry)
         left = FOREVER if loaded.expires_at is None else timedelta(seconds=max(0.0, loaded.expires_at - now_mono))
         summary.update(expires_at=(now_wall + left).isoformat(), size_vram=0, context_length=loaded.info.context_length)
+        summary["size"] = loaded.memory.total  # as Ollama: the memory it takes, weights and KV cache
         # Not in Ollama's reply: the CPU settings in force, so a NUM_THREAD can be checked.
         summary.update(num_thread=loaded.info.threads, num_parallel=loaded.info.parallel)
         summary.pop("modified_at")
