@@ -1,7 +1,7 @@
 """Decode speed and time to first token while other processes keep the CPU busy.
 
 Zero, one and two competing busy processes (`python -c "while True: pass"`), for:
-RKLLama with NUM_PARALLEL 1 and 4 (its default OpenMP wait policy, passive), RKLLama with
+RKLLama with NUM_PARALLEL 1 and 4 (its default OpenMP wait policy, brief), RKLLama with
 NUM_PARALLEL 4 and RKLLAMA_WAIT_POLICY=active (OpenMP's own default: shows the cause),
 llama.cpp's llama-server (build it with bench/build_llama_server.sh) and llama-cpp-python
 called in this process. Same GGUF, same threads; every contender runs at once (idle ones cost

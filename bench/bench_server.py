@@ -172,14 +172,17 @@ def serving(proc: subprocess.Popen, port: int, ready_path: str) -> Iterator[tupl
 
 
 @contextlib.contextmanager
-def rkllama_server(models: Path, threads: int) -> Iterator[tuple[str, subprocess.Popen]]:
+def rkllama_server(
+    models: Path, threads: int, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     folder = models / DEFAULT_MODEL_NAME
     modelfile = folder / "Modelfile"
-    modelfile.write_text(modelfile.read_text() + f'NUM_THREAD="{threads}"\nNUM_CTX="{N_CTX}"\n')
+    if "NUM_THREAD=" not in modelfile.read_text():
+        modelfile.write_text(modelfile.read_text() + f'NUM_THREAD="{threads}"\nNUM_CTX="{N_CTX}"\n')
     proc = subprocess.Popen(
         [sys.executable, "-m", "rkllama", "serve", "--port", str(port), "--models", str(models)],
-        env={**os.environ, "RKLLAMA_LOG_LEVEL": "warning"},
+        env={**os.environ, "RKLLAMA_LOG_LEVEL": "warning", **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -202,10 +205,14 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument(
+        "--streams", default="4", help="concurrent streams for the aggregate rows, comma-separated (1,2,4,8)"
+    )
     parser.add_argument("--llama-server", type=Path, default=ROOT / "bench" / "work" / "llama-server")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
+    stream_counts = [int(n) for n in args.streams.split(",")]
+    slots = 4  # ours: the default NUM_PARALLEL; llama-server gets the same -np and context
 
     # Every contender runs at once (idle ones cost nothing) and the runs alternate, so a
     # machine that speeds up or slows down during the bench affects them all alike.
@@ -220,14 +227,12 @@ def main() -> int:
         }
         peer_proc = None
         if args.llama_server.exists():
-            peer_base, peer_proc = stack.enter_context(
-                llama_server(args.llama_server, gguf, args.threads, args.streams)
-            )
+            peer_base, peer_proc = stack.enter_context(llama_server(args.llama_server, gguf, args.threads, slots))
             contenders["llama-server"] = lambda: stream_llama_server(peer_base, direct.prompt_text, args.tokens)
         for run in contenders.values():
             run()  # warm-up
         decode: dict[str, list[float]] = {name: [] for name in [*contenders, "direct"]}
-        together: dict[str, list[float]] = {name: [] for name in contenders}
+        together: dict[tuple[str, int], list[float]] = {(name, n): [] for name in contenders for n in stream_counts}
         for round_number in range(args.runs):
             order = list(contenders)
             order = order[round_number % len(order) :] + order[: round_number % len(order)]
@@ -235,10 +240,11 @@ def main() -> int:
             for name in order:
                 count, stamps = contenders[name]()
                 decode[name].append(decode_rate(stamps, count))
-            for name in order:
-                together[name].append(aggregate(contenders[name], args.streams))
+            for streams in stream_counts:
+                for name in order:
+                    together[name, streams].append(aggregate(contenders[name], streams))
         rates = {name: statistics.median(values) for name, values in decode.items()}
-        agg = {name: statistics.median(values) for name, values in together.items()}
+        agg = {key: statistics.median(values) for key, values in together.items()}
         rss = {
             "rkllama": sum(rss_mib(p) for p in children(ours_proc.pid)),
             "direct": rss_mib(os.getpid()),
@@ -246,12 +252,12 @@ def main() -> int:
         }
         if peer_proc is not None:
             rss["llama-server"] = rss_mib(peer_proc.pid)
-    peer = (
-        {"decode": rates["llama-server"], "aggregate": agg["llama-server"], "rss": rss["llama-server"]}
-        if "llama-server" in rates
-        else None
-    )
-    ours = {"decode": rates["rkllama"], "aggregate": agg["rkllama"], "rss": rss["rkllama"], "server_rss": rss["server"]}
+        # Ours again with one sequence: what the three more sequences of the default cost.
+        with rkllama_server(models, args.threads, env={"RKLLAMA_NUM_PARALLEL": "1"}) as (single_base, single):
+            stream_rkllama(single_base, args.tokens)
+            rss["rkllama 1 slot"] = sum(rss_mib(p) for p in children(single.pid))
+    peer = {"decode": rates["llama-server"], "rss": rss["llama-server"]} if "llama-server" in rates else None
+    ours = {"decode": rates["rkllama"], "rss": rss["rkllama"], "server_rss": rss["server"]}
     direct_rate, direct_rss = rates["direct"], rss["direct"]
 
     rows = [
@@ -259,10 +265,19 @@ def main() -> int:
         "|---|---|---|---|---|---|",
         f"| decode tok/s (1 stream) | {ours['decode']:.1f} | {direct_rate:.1f} | {ours['decode'] / direct_rate:.2f} | "
         + (f"{peer['decode']:.1f} | {ours['decode'] / peer['decode']:.2f} |" if peer else "n/a | n/a |"),
-        f"| aggregate tok/s ({args.streams} streams) | {ours['aggregate']:.1f} | n/a | n/a | "
-        + (f"{peer['aggregate']:.1f} | {ours['aggregate'] / peer['aggregate']:.2f} |" if peer else "n/a | n/a |"),
+        *(
+            f"| aggregate tok/s ({n} streams, {slots} sequences) | {agg['rkllama', n]:.1f} | n/a | n/a | "
+            + (
+                f"{agg['llama-server', n]:.1f} | {agg['rkllama', n] / agg['llama-server', n]:.2f} |"
+                if peer
+                else "n/a | n/a |"
+            )
+            for n in stream_counts
+        ),
         f"| model process RSS MiB | {ours['rss']:.0f} | {direct_rss:.0f} | {ours['rss'] / direct_rss:.2f} | "
         + (f"{peer['rss']:.0f} | {ours['rss'] / peer['rss']:.2f} |" if peer else "n/a | n/a |"),
+        f"| model process RSS MiB, 1 sequence (NUM_PARALLEL=1) | {rss['rkllama 1 slot']:.0f} | | "
+        f"{ours['rss'] / rss['rkllama 1 slot']:.2f} (4 vs 1) | | |",
         f"| server process RSS MiB (no model) | {ours['server_rss']:.0f} | | | | |",
     ]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

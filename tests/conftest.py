@@ -40,11 +40,12 @@ class RkllamaServer:
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
         api_key: str | None = None,
+        port: int | None = None,
     ) -> None:
         self.models_dir = models_dir
         # The key the server requires, if any: wait_ready() must send it.
         self.api_key = api_key or _flag_value(args or [], "--api-key") or (env or {}).get("RKLLAMA_API_KEY")
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -78,7 +78,7 @@ def test_least_recently_used_idle_model_is_evicted_first(start_server, tmp_path)
 
 @pytest.fixture
 def budget_models(tmp_path: Path) -> Path:
-    """small: 1 sequence of 1024 tokens (~125 MiB); big: 4 x 8192 (~850 MiB)."""
+    """small: 1 sequence of 1024 tokens (~117 MiB); big: 4 x 8192 (~814 MiB)."""
     models = tmp_path / "models"
     model_folder(models, "small", "NUM_CTX=1024\nNUM_PARALLEL=1\n")
     model_folder(models, "big", "NUM_CTX=8192\nNUM_PARALLEL=4\n")
@@ -103,7 +103,7 @@ def test_the_memory_budget_evicts_an_idle_model_to_fit_a_new_one(start_server, b
     srv = start_server(
         models_dir=budget_models, args=["--model", "small", "--max-loaded-models", "3", "--memory-budget", "900MiB"]
     )
-    assert chat(srv, "big").done  # 125 + 850 MiB do not fit in 900: small goes
+    assert chat(srv, "big").done  # 117 + 814 MiB do not fit in 900: small goes
     assert ps_names(srv) == {"big"}
     with srv.client() as http:
         (big,) = http.get("/api/ps").json()["models"]
@@ -195,7 +195,9 @@ def scrape(srv: RkllamaServer, **headers: str) -> dict[tuple[str, tuple], float]
     }
 
 
-def test_metrics_move_with_the_requests_made(server):
+def test_metrics_move_with_the_requests_made(start_server):
+    # One token per runner message (no stream batching), so every token after the first has a gap.
+    server = start_server(env={"RKLLAMA_STREAM_BATCH_MS": "0"})
     model = (("model", DEFAULT_MODEL_NAME),)
     before = scrape(server)
     reply = chat(server, "smollm2:135m")

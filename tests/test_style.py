@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def ruff(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("ruff", path=str(Path(sys.executable).parent)) or "ruff"
-    return subprocess.run([exe, *args, "src", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([exe, *args, "src", "tests", "bench", "e2e"], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_ruff_lint_is_clean():

@@ -253,7 +253,7 @@ def step_stop(ctx: Context) -> str:
 
 def step_unload(ctx: Context) -> str:
     # A user ejects a model they are done with; here that is once the side tasks have ended too.
-    # (Ejected while they still run, the model is not unloaded: keep_alive 0 on a busy model is a no-op.)
+    # (Ejected while they still run, it would be unloaded only once they end, as Ollama does.)
     ctx.wait_idle("before ejecting the model")
     page = ctx.page
     page.locator("#model-selector-model-button").click()

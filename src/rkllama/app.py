@@ -23,6 +23,7 @@ from .scheduler import Scheduler
 from .settings import Settings, SettingsError
 from .store.default_model import DEFAULT_MODEL_NAME, install_default_model
 from .store.models_dir import ModelStore
+from .system_info import system_info
 
 log = logging.getLogger("rkllama")
 
@@ -121,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
         await scheduler.shutdown()
 
     app = FastAPI(title="RKLLama", version=__version__, lifespan=lifespan)
-    app.state.rkllama = AppState(settings=settings, store=store, scheduler=scheduler)
+    app.state.rkllama = AppState(settings=settings, store=store, scheduler=scheduler, system=system_info())
     # Dialects whose error shape differs have a renderer for their path prefix.
     render_for_path = path_renderer({"/v1/": openai.render_error})
     install_error_handlers(app, render_for_path)

@@ -15,6 +15,7 @@ from typing import Any
 from . import __version__
 from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, server_url
 from .errors import RkllamaError
+from .service_cli import add_service_parser
 from .settings import Settings, comma_list, read_api_key_file
 from .store.pull_ref import parse_pull_ref
 
@@ -229,12 +230,36 @@ def _unload(args: argparse.Namespace) -> int:
 
 
 def _version(args: argparse.Namespace) -> int:
+    from .system_info import system_info
+
     print(f"rkllama {__version__}")
+    _print_engines(system_info())
     with _client(args) as client:
-        remote = client.server_version()
+        remote = client.server_info()
     if remote:
-        print(f"server {remote} at {client.base_url}")
+        print(f"server {remote.get('version')} at {client.base_url}")
+        if "engines" in remote:
+            _print_engines(remote, indent="  ")
     return 0
+
+
+def _print_engines(info: dict[str, Any], indent: str = "") -> None:
+    """The lines a support question needs: each engine, the rkllm runtime and the SoC."""
+    engines = info.get("engines", {})
+    llama = engines.get("llama.cpp", {})
+    print(f"{indent}llama.cpp engine: llama-cpp-python {llama.get('llama_cpp_python') or 'not installed'}")
+    rkllm = engines.get("rkllm", {})
+    if rkllm.get("library"):
+        print(
+            f"{indent}rkllm engine: {rkllm['library']} (runtime {rkllm.get('version') or 'version unknown'}, "
+            f"ABI {rkllm.get('abi') or 'unknown'})"
+        )
+    else:
+        print(f"{indent}rkllm engine: librkllmrt.so not found (docs/rkllm.md)")
+    print(
+        f"{indent}SoC: {info.get('soc') or 'not a supported Rockchip board'}; {info.get('machine')}, "
+        f"Python {info.get('python')}"
+    )
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
@@ -350,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
     add_client_parsers(commands)
+    add_service_parser(commands)
     return parser
 
 

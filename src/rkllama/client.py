@@ -195,9 +195,10 @@ class RkllamaClient:
     def delete(self, name: str) -> str:
         return str(self.request("POST", "/rm", json={"model": name}).json().get("message", ""))
 
-    def server_version(self) -> str | None:
+    def server_info(self) -> dict[str, Any] | None:
+        """GET /api/version: the server's version, engines and SoC; None if it does not answer."""
         try:
-            return self.request("GET", "/api/version").json().get("version")
+            return self.request("GET", "/api/version").json()
         except ClientError:
             return None
 

@@ -85,12 +85,16 @@ class AnswerTiming:
     started: float = field(default_factory=time.perf_counter)
     last: float | None = None
 
-    def token(self) -> None:
+    def token(self, count: int = 1) -> None:
+        """A message of `count` tokens arrived. Tokens that travelled together share the gap
+        since the previous message (the runner batches tokens that come close together)."""
         now = time.perf_counter()
         if self.last is None:
             self.metrics.time_to_first_token.labels(model=self.model).observe(now - self.started)
         else:
-            self.metrics.inter_token_latency.labels(model=self.model).observe(now - self.last)
+            gap = (now - self.last) / max(1, count)
+            for _ in range(max(1, count)):
+                self.metrics.inter_token_latency.labels(model=self.model).observe(gap)
         self.last = now
 
     def done(self, usage: Usage) -> None:

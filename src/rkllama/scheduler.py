@@ -365,7 +365,7 @@ class Scheduler:
                                 event.usage.prompt_tokens,
                             )
                     else:
-                        timing.token()
+                        timing.token(event.tokens)
                     yield event
         finally:
             model.last_used = time.monotonic()

@@ -84,6 +84,8 @@ class GenerateRequest:
 class TokenEvent:
     text: str
     type: Literal["token"] = "token"
+    # How many generated tokens the text holds (the runner sends tokens close in time together).
+    tokens: int = 1
 
 
 @dataclass

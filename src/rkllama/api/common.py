@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -22,6 +22,8 @@ class AppState:
     settings: Settings
     store: ModelStore
     scheduler: Scheduler
+    # Version, engines and hardware (system_info.py), for /api/version.
+    system: dict[str, Any] = field(default_factory=dict)
 
 
 def app_state(request: Request) -> AppState:

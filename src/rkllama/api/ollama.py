@@ -42,8 +42,9 @@ def _now() -> str:
 
 
 @api.get("/api/version", **docs.VERSION)
-async def version() -> dict[str, str]:
-    return {"version": __version__}
+async def version(state: AppState = Depends(app_state)) -> dict[str, Any]:
+    # Ollama's reply is {"version"}; the rest says what a support question needs (system_info.py).
+    return {"version": __version__, **state.system}
 
 
 # --- generate and chat -----------------------------------------------------------------------

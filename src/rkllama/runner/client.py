@@ -268,7 +268,7 @@ class RunnerProcess:
                     message = await self._next(inbox)
                     kind = message.get("type")
                     if kind == "token":
-                        yield TokenEvent(text=message["text"])
+                        yield TokenEvent(text=message["text"], tokens=int(message.get("tokens", 1)))
                     elif kind == "done":
                         finished = True
                         if message["finish_reason"] == "cancelled":

@@ -83,6 +83,7 @@ class Connection:
             request_id = message.get("id")
             if message.get("type") == "token" and request_id in open_tokens:
                 open_tokens[request_id]["text"] += message["text"]
+                open_tokens[request_id]["tokens"] = open_tokens[request_id].get("tokens", 1) + message.get("tokens", 1)
                 continue
             merged.append(dict(message))
             if message.get("type") == "token":
@@ -145,7 +146,7 @@ def _serve_one(engine: Engine, message: dict[str, Any], cancel: threading.Event,
             request = GenerateRequest.from_dict(message["request"])
             for event in engine.generate(request, cancel):
                 if isinstance(event, TokenEvent):
-                    conn.send_token({"id": request_id, "type": "token", "text": event.text})
+                    conn.send_token({"id": request_id, "type": "token", "text": event.text, "tokens": event.tokens})
                 else:
                     conn.send({"id": request_id, **asdict(event)})
         elif op == "embed":

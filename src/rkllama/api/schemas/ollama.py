@@ -26,6 +26,12 @@ MODEL = "smollm2:135m"
 
 class Version(Strict):
     version: str
+    engines: dict[str, dict[str, Any]] = Field(
+        description="llama.cpp (llama-cpp-python's version) and rkllm (library, runtime version, ABI, SoC)."
+    )
+    soc: str | None = Field(description="The Rockchip SoC, when this is a supported board.")
+    machine: str
+    python: str
 
 
 class Details(Strict):

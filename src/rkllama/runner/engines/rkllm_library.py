@@ -196,3 +196,23 @@ def _loaded_path(lib: ctypes.CDLL) -> str | None:
         if len(fields) >= 6 and os.path.basename(fields[-1]).startswith(name.split(".so")[0]):
             return fields[-1]
     return None
+
+
+def describe_runtime() -> dict[str, str | None]:
+    """What `rkllama version` and /api/version report of the rkllm runtime, without loading it:
+    the library found (or None), its version and ABI as read from the file, and the SoC."""
+    try:
+        path = _find_library_path()
+    except EngineError:
+        path = None
+    version = _version_in_file(path) if path else None
+    try:
+        soc = detect_platform()
+    except EngineError:
+        soc = None
+    return {
+        "library": path,
+        "version": version,
+        "abi": abi_for_version(version) if version else None,
+        "soc": soc,
+    }
