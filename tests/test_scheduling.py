@@ -46,7 +46,7 @@ def test_two_models_are_loaded_and_answer_at_once(start_server, tmp_path):
     client = ollama.Client(host=srv.base_url, timeout=300)
     stream = client.chat(
         model=DEFAULT_MODEL_NAME,
-        messages=[{"role": "user", "content": "Tell a long story."}],
+        messages=[{"role": "user", "content": "Tell a very long story."}],
         options=LONG_STREAM,
         stream=True,
     )
@@ -141,7 +141,8 @@ def queue_depth(srv: RkllamaServer) -> int:
 def test_past_the_queue_bound_a_request_gets_503_with_retry_after(start_server):
     srv = start_server(env={"RKLLAMA_NUM_PARALLEL": "1", "RKLLAMA_MAX_QUEUE": "1"})
     body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Hi"}], "options": SHORT}
-    with srv.client() as first, first.stream("POST", "/api/chat", json={**body, "options": LONG_STREAM}) as running:
+    story = {**body, "messages": [{"role": "user", "content": "Tell a very long story."}], "options": LONG_STREAM}
+    with srv.client() as first, first.stream("POST", "/api/chat", json=story) as running:
         lines = running.iter_lines()  # kept: a dropped iterator closes the stream
         assert not json.loads(next(lines))["done"]  # the only sequence is busy
         with ThreadPoolExecutor(1) as pool:
@@ -237,3 +238,21 @@ def test_a_runner_killed_counts_as_a_restart(start_server):
     assert wait_until(lambda: srv.runner_pids() == [])
     key = ("rkllama_runner_restarts_total", (("model", DEFAULT_MODEL_NAME),))
     assert wait_until(lambda: scrape(srv).get(key) == 1)
+
+
+def test_a_request_for_another_model_waits_for_the_busy_one_then_swaps_it(start_server, tmp_path):
+    models = make_models_dir(tmp_path / "models")
+    model_folder(models, "second")
+    srv = start_server(models_dir=models)  # --max-loaded-models 1: the two models cannot share
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Tell a very long story."}]}
+    with srv.client() as first, first.stream("POST", "/api/chat", json={**body, "options": LONG_STREAM}) as running:
+        lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+        assert not json.loads(next(lines))["done"]
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(chat, srv, "second")
+            assert wait_until(lambda: "Waiting for a loaded model to be idle to make room for second" in srv.log())
+            assert not other.done() and ps_names(srv) == {DEFAULT_MODEL_NAME}
+            assert not json.loads(next(lines))["done"]  # the busy model was not taken from its request
+            running.close()
+            assert other.result().done  # a 200, not a 503
+    assert ps_names(srv) == {"second"}

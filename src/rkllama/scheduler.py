@@ -5,7 +5,8 @@ arrival order; requests to different models run side by side. The native API kee
 single "current model" (the most recently loaded one); the Ollama/OpenAI dialects may name any
 model, which is then loaded on demand.
 
-A load first makes room: the least recently used idle models are unloaded until both
+A load first makes room: the least recently used idle models are unloaded (when every loaded
+model is busy, the load waits for one to be idle, as Ollama does) until both
 `max_loaded_models` and the memory budget (memory.py) allow the new one; a model that could
 never fit is refused before anything is unloaded. Each model has its own load lock, so a slow
 load of one never delays requests to another that is loaded. Requests waiting for a model
@@ -62,6 +63,16 @@ class LoadedModel:
     @property
     def busy(self) -> bool:
         return self.runner.pending > 0
+
+
+async def _first_idle(models: list[LoadedModel]) -> None:
+    """Until one of `models` has no request queued or running."""
+    waits = [asyncio.ensure_future(model.runner.wait_idle()) for model in models]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 class Scheduler:
@@ -259,14 +270,24 @@ class Scheduler:
             )
         while not self._fits(need):
             idle = sorted((m for m in self._loaded.values() if not m.busy), key=lambda m: m.last_used)
-            if not idle:
+            if idle:
+                log.info("Unloading %s (least recently used) to make room for %s", idle[0].name, name)
+                await self.unload(idle[0].name)
+                continue
+            if not self._loaded:  # the room is held by other loads still starting
                 raise ServerBusy(
-                    "Server busy: every loaded model is answering requests and there is no room for "
-                    f"{name}. Retry shortly, or raise --max-loaded-models or --memory-budget.",
+                    f"Server busy: other models are being loaded and there is no room for {name} yet. Retry "
+                    "shortly, or raise --max-loaded-models or --memory-budget.",
                     retry_after=5,
                 )
-            log.info("Unloading %s (least recently used) to make room for %s", idle[0].name, name)
-            await self.unload(idle[0].name)
+            # As Ollama: wait for a loaded model to finish its requests, then evict it.
+            log.info("Waiting for a loaded model to be idle to make room for %s", name)
+            self.admit()
+            self._waiting_for_load += 1
+            try:
+                await _first_idle(list(self._loaded.values()))
+            finally:
+                self._waiting_for_load -= 1
 
     async def unload(self, name: str, grace: float | None = None) -> bool:
         """Unload `name` once its requests in flight finish (at most `grace` seconds, the
