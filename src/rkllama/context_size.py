@@ -106,12 +106,20 @@ class ContextLimits:
     modelfile_ctx: int | None
     setting_ctx: int | None
     budget: int
+    # KV_UNIFIED: the sequences share one context's KV pool instead of one context each.
+    unified: bool = False
+
+    @property
+    def kv_contexts(self) -> int:
+        """How many contexts of KV cache `parallel` sequences take."""
+        return 1 if self.unified else self.parallel
 
     @classmethod
     def of(
         cls, metadata: dict[str, Any], modelfile: dict[str, str], setting_ctx: int | None, budget: int
     ) -> ContextLimits:
         parallel = _int(modelfile.get("NUM_PARALLEL")) or _int(os.environ.get("RKLLAMA_NUM_PARALLEL"))
+        unified = modelfile.get("KV_UNIFIED", os.environ.get("RKLLAMA_KV_UNIFIED")) or ""
         return cls(
             trained=trained_context(metadata),
             bytes_per_token=kv_bytes_per_token(metadata),
@@ -119,6 +127,7 @@ class ContextLimits:
             modelfile_ctx=_int(modelfile.get("NUM_CTX")),
             setting_ctx=setting_ctx,
             budget=budget,
+            unified=unified.strip().lower() not in {"", "0", "false", "off", "no"},
         )
 
     def check_request(self, num_ctx: int) -> None:
@@ -155,7 +164,7 @@ class ContextLimits:
             log.warning("%s asks for a context of %d; the model was trained for %d", reason, context, self.trained)
             context, reason = self.trained, f"{reason}, lowered to the trained context"
         parallel = self.parallel
-        if self.bytes_per_token:
+        if self.bytes_per_token and not self.unified:
             fits = self.budget // (context * self.bytes_per_token)
             if fits < parallel:
                 parallel = max(1, fits)
@@ -167,7 +176,7 @@ class ContextLimits:
         reason = "the trained context" if self.trained else "the fallback context"
         if self.bytes_per_token is None:
             return ContextPlan(trained, self.parallel, reason)
-        fits = self.budget // (self.parallel * self.bytes_per_token) // CONTEXT_STEP * CONTEXT_STEP
+        fits = self.budget // (self.kv_contexts * self.bytes_per_token) // CONTEXT_STEP * CONTEXT_STEP
         if fits >= trained:
             return ContextPlan(trained, self.parallel, reason)
         context = max(fits, min(trained, MIN_DEFAULT_CONTEXT))

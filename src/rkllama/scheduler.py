@@ -140,7 +140,8 @@ class Scheduler:
         """What `entry` takes once loaded with this context and number of sequences."""
         if entry.format == "gguf":
             facts = self.context_limits(entry)
-            return gguf_need(entry.size, facts.bytes_per_token, context or facts.plan().context, parallel)
+            sequences = 1 if facts.unified else parallel  # a unified KV pool is one context
+            return gguf_need(entry.size, facts.bytes_per_token, context or facts.plan().context, sequences)
         return rkllm_need(entry.size)
 
     def memory_in_use(self) -> int:

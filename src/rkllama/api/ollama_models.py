@@ -112,6 +112,7 @@ async def ps(state: AppState = Depends(app_state)) -> dict[str, Any]:
         summary["size"] = loaded.memory.total  # as Ollama: the memory it takes, weights and KV cache
         # Not in Ollama's reply: the CPU settings in force, so a NUM_THREAD can be checked.
         summary.update(num_thread=loaded.info.threads, num_parallel=loaded.info.parallel)
+        summary["kv_unified"] = loaded.info.kv_unified
         summary.pop("modified_at")
         models.append(summary)
     return {"models": models}

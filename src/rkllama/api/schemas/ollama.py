@@ -67,6 +67,9 @@ class RunningModel(Strict):
     context_length: int
     num_thread: int | None = Field(None, description="CPU threads the model's runner uses (not Ollama's).")
     num_parallel: int | None = Field(None, description="Requests the model answers at once (not Ollama's).")
+    kv_unified: bool | None = Field(
+        None, description="Its sequences share one KV pool of context_length tokens (KV_UNIFIED; not Ollama's)."
+    )
 
 
 class Running(Strict):

@@ -12,6 +12,12 @@ Each slot remembers the tokens in its part of the cache; a new request takes the
 where it gains the most and destroys the least (see `slot_score`) and evaluates only what is
 not cached, so multi-turn chats do not re-read their history, also when short side tasks
 (titles, tags) arrive beside them.
+
+With `unified` (KV_UNIFIED, off by default) the sequences share one KV pool of n_ctx cells
+instead of a stream each, so NUM_PARALLEL sequences cost one context of memory. When the pool
+is full: the caches of idle slots are dropped first; a prompt then waits for room while other
+sequences generate; a generating sequence that finds no room ends with a clear error (the one
+started last), and the others go on. Never a crash, never a corrupted answer.
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ log = logging.getLogger(__name__)
 
 # What a request's queue receives: sampled token ids, then one Finished (or an Exception).
 LENGTH, STOP, CANCELLED = "length", "stop", "cancelled"
+# llama_decode's "no room in the KV cache for this batch"; the cache is left as it was.
+NO_KV_SLOT = 1
+# A prefix held by another slot is copied when it saves at least this many tokens of prompt
+# evaluation (a whole-stream copy costs about as much as evaluating a few dozen tokens).
+MIN_BORROWED_TOKENS = 64
+
+
+class KvPoolFull(RuntimeError):
+    """A generating sequence found no room in the shared KV pool."""
 
 
 @dataclass
@@ -90,20 +105,29 @@ def slot_score(cached: list[int], prompt: list[int], age: int) -> tuple[int, flo
 
 class BatchDecoder:
     def __init__(
-        self, model: LlamaModel, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int, flash_attn: bool
+        self,
+        model: LlamaModel,
+        n_ctx: int,
+        n_parallel: int,
+        n_batch: int,
+        n_threads: int,
+        flash_attn: bool,
+        unified: bool = False,
     ) -> None:
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
+        self.unified = unified
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx * n_parallel
+        params.n_ctx = n_ctx if unified else n_ctx * n_parallel
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
-        # A stream per sequence, as llama-server does: a sequence's attention then never sees
-        # where other sequences sit in the cache, so a greedy answer does not depend on what
-        # else shares the batch (with one unified cache it did, in the last bits, and drifted).
-        params.kv_unified = False
+        # By default a stream per sequence, as llama-server does: a sequence's attention then
+        # never sees where other sequences sit in the cache, so a greedy answer does not depend
+        # on what else shares the batch (with one unified cache it did, in the last bits, and
+        # drifted). KV_UNIFIED trades that for memory: one pool for all sequences.
+        params.kv_unified = unified
         # As `Llama` (NUM_PARALLEL=1) runs: the same numerics, so the same greedy answers.
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -174,6 +198,7 @@ class BatchDecoder:
                 return
             job = self._waiting.pop(0)
             slot = max(free, key=lambda s: (slot_score(s.cached, job.prompt, self._clock - s.last_used), -s.seq_id))
+            self._borrow_prefix(slot, job.prompt)
             reuse = common_prefix(slot.cached, job.prompt)
             if reuse == len(job.prompt):
                 reuse -= 1  # evaluate at least one token to get fresh logits
@@ -187,6 +212,25 @@ class BatchDecoder:
             job.cached = job.n_past = reuse
             job.pending = job.prompt[reuse:]
             slot.job = job
+
+    def _borrow_prefix(self, slot: Slot, prompt: list[int]) -> None:
+        """Copy into `slot` the cache of another slot (busy or idle) that holds a longer prefix
+        of `prompt`, so a system prompt shared by many requests is evaluated once, not once per
+        slot. With a stream per sequence llama.cpp copies whole streams (done before the next
+        decode; the copy's tail is then dropped); in a unified pool it only shares the cells."""
+        own = common_prefix(slot.cached, prompt)
+        donor = max(
+            (s for s in self._slots if s is not slot), key=lambda s: common_prefix(s.cached, prompt), default=None
+        )
+        if donor is None:
+            return
+        shared = common_prefix(donor.cached, prompt)
+        if shared < own + MIN_BORROWED_TOKENS:
+            return
+        mem = self._ctx.memory
+        llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, slot.seq_id, -1, -1)
+        slot.cached = list(donor.cached)  # trimmed to the prompt's prefix by the caller
 
     def _drop_finished(self) -> None:
         for slot, job in self._active():
@@ -215,17 +259,59 @@ class BatchDecoder:
             # A prompt chunk goes alone, in n_batch pieces as when it runs by itself: mixed
             # with other sequences, llama.cpp splits it unevenly and, deep into a long
             # context, the answer then drifts from the one the request gets alone.
-            self._decode(prompting[:1], self.n_batch)
+            self._decode(prompting[:1], self.n_batch, others_running=bool(generating))
 
-    def _decode(self, jobs: list[tuple[Slot, Job]], chunk: int) -> None:
-        """Evaluate up to `chunk` pending tokens of each job; sample those now complete."""
+    def _decode(self, jobs: list[tuple[Slot, Job]], chunk: int, others_running: bool = False) -> None:
+        """Evaluate up to `chunk` pending tokens of each job; sample those now complete.
+        In sequence order: with split streams llama.cpp puts only runs of consecutive sequence
+        ids in one ubatch."""
+        ordered = sorted(jobs, key=lambda sj: sj[0].seq_id)
+        while ordered:
+            code = self._try_decode(ordered, chunk)
+            if code == 0:
+                return
+            if code != NO_KV_SLOT or not self.unified:
+                self._fail(ordered, f"llama_decode failed with code {code}")
+                return
+            if self._drop_idle_caches():
+                continue
+            if chunk > 1:
+                if others_running:
+                    return  # the prompt waits for room: the generating sequences end in time
+                self._fail(ordered, "The shared KV cache pool has no room for this prompt.")
+                return
+            # No room for the next token of every generating sequence: the one started last ends.
+            slot, job = max(ordered, key=lambda sj: sj[0].last_used)
+            log.warning("KV pool full: ending the sequence in slot %d after %d tokens", slot.seq_id, job.generated)
+            self._end(
+                slot,
+                KvPoolFull(
+                    f"The KV cache pool ({self.n_ctx} tokens, shared by NUM_PARALLEL sequences with KV_UNIFIED) "
+                    f"is full: this answer was stopped after {job.generated} tokens. Retry when fewer requests "
+                    "run, or load the model with a larger NUM_CTX."
+                ),
+            )
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+            slot.cached = []
+            ordered = [(s, j) for s, j in ordered if s is not slot]
+
+    def _drop_idle_caches(self) -> bool:
+        """Free the pool cells that only idle slots' caches hold. True if any were freed."""
+        freed = False
+        for slot in self._slots:
+            if slot.job is None and slot.cached:
+                llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+                slot.cached = []
+                freed = True
+        return freed
+
+    def _try_decode(self, jobs: list[tuple[Slot, Job]], chunk: int) -> int:
+        """One llama_decode over the jobs' next tokens; the jobs move on only when it succeeds
+        (a failed decode leaves llama.cpp's cache as it was)."""
         batch = self._batch.batch
         n = 0
-        sample_at: list[tuple[Slot, Job, int]] = []
-        # In sequence order: with split streams llama.cpp puts only runs of consecutive
-        # sequence ids in one ubatch.
-        ordered = sorted(jobs, key=lambda sj: sj[0].seq_id)
-        for slot, job in ordered:
+        takes: list[list[int]] = []
+        for slot, job in jobs:
             take = job.pending[:chunk]
             for i, token in enumerate(take):
                 batch.token[n] = token
@@ -234,20 +320,25 @@ class BatchDecoder:
                 batch.seq_id[n][0] = slot.seq_id
                 batch.logits[n] = False
                 n += 1
+            if len(take) == len(job.pending):
+                batch.logits[n - 1] = True
+            takes.append(take)
+        batch.n_tokens = n
+        code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            return code
+        index = 0
+        sample_at: list[tuple[Slot, Job, int]] = []
+        for (slot, job), take in zip(jobs, takes, strict=True):
+            index += len(take)
             slot.cached.extend(take)
             job.n_past += len(take)
             job.pending = job.pending[len(take) :]
             if not job.pending:
-                batch.logits[n - 1] = True
-                sample_at.append((slot, job, n - 1))
-        batch.n_tokens = n
-        code = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        if code != 0:
-            self._fail(ordered, f"llama_decode failed with code {code}")
-            return
-        for slot, job, index in sample_at:
+                sample_at.append((slot, job, index - 1))
+        for slot, job, at in sample_at:
             job.prompt_done = True
-            token = job.sampler.sample(self._ctx, index)
+            token = job.sampler.sample(self._ctx, at)
             if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
                 self._end(slot, Finished(STOP))
                 continue
@@ -257,6 +348,7 @@ class BatchDecoder:
                 self._end(slot, Finished(LENGTH))
             else:
                 job.pending = [token]
+        return 0
 
     def _fail(self, jobs: list[tuple[Slot, Job]], reason: str) -> None:
         """A failed step leaves the cache of these sequences unknown: forget them."""

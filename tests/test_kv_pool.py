@@ -1,0 +1,122 @@
+"""KV_UNIFIED (issue 13): a model's sequences share one KV pool of NUM_CTX cells instead of one
+context each. What it costs, that every sequence is served, and what happens when the pool is
+full: a prompt waits for room, a generating sequence that finds none ends with a clear error and
+the others finish whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ollama
+
+from rkllama.store.default_model import packaged_default_model
+
+KV_BYTES_PER_TOKEN = 30 * 3 * (64 + 64) * 2  # SmolLM2-135M: layers x KV heads x (K+V) x f16
+STORY = [{"role": "user", "content": "List numbers."}]
+# A grammar that cannot end before 500 numbers: an answer runs to its num_predict (no early EOS).
+ENDLESS = {"type": "array", "items": {"type": "integer"}, "minItems": 500}
+
+
+def pooled_model(models: Path, name: str, modelfile: str) -> Path:
+    folder = models / name
+    folder.mkdir(parents=True)
+    os.link(packaged_default_model(), folder / "weights.gguf")
+    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\nKV_UNIFIED=1\n{modelfile}')
+    return models
+
+
+def stream_lines(srv, body: dict):
+    """The NDJSON objects of a streamed /api/chat, as they arrive."""
+    with srv.client() as http, http.stream("POST", "/api/chat", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line:
+                yield json.loads(line)
+
+
+def test_a_unified_pool_costs_one_context_and_serves_every_sequence(start_server, tmp_path):
+    models = pooled_model(tmp_path / "models", "pooled", "NUM_CTX=2048\nNUM_PARALLEL=4\n")
+    srv = start_server(models_dir=models, args=["--model", "pooled"])
+    with srv.client() as http:
+        (loaded,) = http.get("/api/ps").json()["models"]
+    assert loaded["kv_unified"] is True and loaded["num_parallel"] == 4 and loaded["context_length"] == 2048
+    # Four sequences, one context of KV cache (not four).
+    assert loaded["size"] == packaged_default_model().stat().st_size + 2048 * KV_BYTES_PER_TOKEN
+    client = ollama.Client(host=srv.base_url, timeout=300)
+    questions = ["What is the sky?", "Name a fruit.", "Say hello.", "Count to three."]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(
+            pool.map(
+                lambda q: client.chat(
+                    model="pooled", messages=[{"role": "user", "content": q}], options={"num_predict": 24}
+                ),
+                questions,
+            )
+        )
+    assert all(reply.done and reply.message.content for reply in replies)
+
+
+def test_a_prompt_waits_for_room_and_the_running_answer_finishes_whole(start_server, tmp_path):
+    # 512 cells for two sequences; per-token stream messages, so tokens can be counted as they come.
+    models = pooled_model(tmp_path / "models", "small-pool", "NUM_CTX=512\nNUM_PARALLEL=2\n")
+    srv = start_server(models_dir=models, args=["--model", "small-pool"], env={"RKLLAMA_STREAM_BATCH_MS": "0"})
+    story = {
+        "model": "small-pool",
+        "messages": STORY,
+        "format": ENDLESS,
+        "options": {"num_predict": 300, "temperature": 0},
+    }
+    # A prompt of ~330 tokens that no cache holds: it fits alone, not beside the story's cells.
+    long_prompt = " ".join(secrets.token_hex(2) for _ in range(110))
+    question = {
+        "model": "small-pool",
+        "messages": [{"role": "user", "content": long_prompt}],
+        "options": {"num_predict": 4, "temperature": 0},
+        "stream": False,
+    }
+    events: list[str] = []
+    story_chunks = stream_lines(srv, story)
+    for _ in range(200):  # the story holds ~230 cells now
+        chunk = next(story_chunks)
+        assert not chunk["done"], "the story ended early"
+    with ThreadPoolExecutor(1) as pool:
+
+        def ask() -> dict:
+            with srv.client() as http:
+                reply = http.post("/api/chat", json=question)
+            events.append("question answered")
+            return reply.json()
+
+        answered = pool.submit(ask)
+        for chunk in story_chunks:
+            if chunk["done"]:
+                events.append("story done")
+                final = chunk
+        reply = answered.result()
+    assert final["done_reason"] == "length" and final["eval_count"] == 300  # whole, not cut
+    assert events == ["story done", "question answered"]  # the prompt waited for room
+    assert reply["done"] and reply["prompt_eval_count"] > 256
+
+
+def test_a_full_pool_ends_the_newest_answer_with_a_clear_error_and_the_other_finishes(start_server, tmp_path):
+    models = pooled_model(tmp_path / "models", "tiny-pool", "NUM_CTX=512\nNUM_PARALLEL=2\n")
+    srv = start_server(models_dir=models, args=["--model", "tiny-pool"])
+    options = {"num_predict": 420, "temperature": 0}
+    first = stream_lines(srv, {"model": "tiny-pool", "messages": STORY, "format": ENDLESS, "options": options})
+    assert not next(first)["done"]  # the first answer runs before the second starts
+    other = [{"role": "user", "content": "List other numbers."}]
+    second = list(stream_lines(srv, {"model": "tiny-pool", "messages": other, "format": ENDLESS, "options": options}))
+    rest = list(first)
+    # Both grew until the 512 cells were used: the one started last stopped, with a message ...
+    assert "error" in second[-1], second[-1]
+    assert (
+        "The KV cache pool (512 tokens, shared by NUM_PARALLEL sequences with KV_UNIFIED) is full"
+        in (second[-1]["error"])
+    )
+    # ... and the first got all its tokens.
+    assert rest[-1]["done"] and rest[-1]["done_reason"] == "length" and rest[-1]["eval_count"] == 420
+    assert "KV pool full: ending the sequence in slot" in srv.log()
