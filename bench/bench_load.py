@@ -2,11 +2,13 @@
 same seeded arrivals (as vLLM's benchmark_serving does it).
 
 Each request is streamed through `/v1/chat/completions` (both servers speak it). Half of the
-requests share a long system prompt (~600 tokens), the rest have a short one; answers are 16 to
+requests share a long system prompt (~650 tokens), the rest have a short one; answers are 16 to
 96 tokens at most (`max_tokens`; greedy, so both servers give the same answers). Per rate:
-time to first token p50/p99, inter-token latency p50/p99 (the gaps between streamed tokens),
-output throughput and errors. Both servers run 4 sequences of 4096 tokens (ours: NUM_PARALLEL 4,
-NUM_CTX 4096; llama-server: -np 4 -c 16384).
+time to first token p50/p99, time per output token p50/p99 (per request, from its first to its
+last token over the tokens the server counted in `usage`, as vLLM's TPOT: our server sends
+tokens that come close together in one chunk, so chunk gaps are not token gaps), the longest
+gap between two chunks (p99: a stall a reader sees), output throughput and errors. Both servers
+run 4 sequences of 4096 tokens (ours: NUM_PARALLEL 4, NUM_CTX 4096; llama-server: -np 4 -c 16384).
 
 `--rates auto` first measures llama-server's saturation (closed loop, 8 clients: completed
 requests per second), then runs at 40%, 80% and 100% of it: the issue's target compares p99 time
@@ -78,9 +80,14 @@ def schedule(rate: float, duration: float, seed: int) -> list[Arrival]:
 @dataclass
 class Outcome:
     ttft: float | None = None
-    gaps: list[float] = field(default_factory=list)
-    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)  # between content chunks
+    span: float = 0.0  # first to last content chunk
+    tokens: int = 0  # completion tokens, from usage when the server reports it
     error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        return self.span / (self.tokens - 1) if self.tokens > 1 and self.span > 0 else None
 
 
 def stream_chat(base: str, model: str, arrival: Arrival) -> Outcome:
@@ -90,10 +97,12 @@ def stream_chat(base: str, model: str, arrival: Arrival) -> Outcome:
         "max_tokens": arrival.max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     outcome = Outcome()
     started = time.perf_counter()
-    last = None
+    first = last = None
+    chunks = 0
     try:
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
             if response.status_code != 200:
@@ -104,15 +113,20 @@ def stream_chat(base: str, model: str, arrival: Arrival) -> Outcome:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    outcome.tokens = chunk["usage"].get("completion_tokens", 0)
                 choices = chunk.get("choices") or []
                 if choices and (choices[0].get("delta") or {}).get("content"):
                     now = time.perf_counter()
                     if last is None:
-                        outcome.ttft = now - started
+                        outcome.ttft, first = now - started, now
                     else:
                         outcome.gaps.append(now - last)
                     last = now
-                    outcome.tokens += 1
+                    chunks += 1
+            if first is not None and last is not None:
+                outcome.span = last - first
+            outcome.tokens = outcome.tokens or chunks
     except httpx.HTTPError as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
     return outcome
@@ -176,14 +190,16 @@ def percentile(values: list[float], q: float) -> float:
 def summary(outcomes: list[Outcome], elapsed: float) -> dict[str, float]:
     ok = [o for o in outcomes if o.error is None and o.ttft is not None]
     ttft = [o.ttft for o in ok if o.ttft is not None]
+    tpot = [o.tpot for o in ok if o.tpot is not None]
     gaps = [g for o in ok for g in o.gaps]
     return {
         "requests": len(outcomes),
         "errors": len(outcomes) - len(ok),
         "ttft_p50": percentile(ttft, 0.5) * 1000,
         "ttft_p99": percentile(ttft, 0.99) * 1000,
-        "itl_p50": percentile(gaps, 0.5) * 1000,
-        "itl_p99": percentile(gaps, 0.99) * 1000,
+        "tpot_p50": percentile(tpot, 0.5) * 1000,
+        "tpot_p99": percentile(tpot, 0.99) * 1000,
+        "gap_p99": percentile(gaps, 0.99) * 1000,
         "throughput": sum(o.tokens for o in ok) / elapsed,
     }
 
@@ -220,9 +236,9 @@ def main() -> int:
         else:
             rates = [float(r) for r in args.rates.split(",")]
         rows = [
-            "| rate req/s | contender | requests | errors | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-            "output tok/s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| rate req/s | contender | requests | errors | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
+            "chunk gap p99 ms | output tok/s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for index, rate in enumerate(rates):
             arrivals = schedule(rate, args.duration, args.seed + index)
@@ -231,7 +247,8 @@ def main() -> int:
                 s = summary(*run_open_loop(contenders[name], arrivals))
                 rows.append(
                     f"| {rate:.3f} | {name} | {s['requests']:.0f} | {s['errors']:.0f} | {s['ttft_p50']:.0f} | "
-                    f"{s['ttft_p99']:.0f} | {s['itl_p50']:.1f} | {s['itl_p99']:.1f} | {s['throughput']:.1f} |"
+                    f"{s['ttft_p99']:.0f} | {s['tpot_p50']:.1f} | {s['tpot_p99']:.1f} | {s['gap_p99']:.0f} | "
+                    f"{s['throughput']:.1f} |"
                 )
                 print(rows[-1], flush=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from rkllama.runner.engines.rkllm_abi import ABI_NUMBERS  # ABI name -> the C header's RKLLM_ABI
+
 DOUBLE_DIR = Path(__file__).parent / "rkllm_double"
-# Python ABI name -> the C header's RKLLM_ABI number.
-ABI_NUMBERS = {"1.1": 110, "1.2.0": 120, "1.2": 121, "1.3": 130}
 # The runtime version each double claims in its version string.
 DOUBLE_VERSIONS = {"1.1": "1.1.4", "1.2.0": "1.2.0", "1.2": "1.2.3", "1.3": "1.3.0"}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ABI_VERSIONS = ("1.1", "1.2.0", "1.2", "1.3")
-_ABI_NUMBER = {"1.1": 110, "1.2.0": 120, "1.2": 121, "1.3": 130}
+ABI_NUMBERS = {"1.1": 110, "1.2.0": 120, "1.2": 121, "1.3": 130}
 
 # LLMCallState
 RKLLM_RUN_NORMAL = 0
@@ -38,7 +38,7 @@ _enum = ctypes.c_int
 
 
 def abi_number(version: str) -> int:
-    return _ABI_NUMBER[version]
+    return ABI_NUMBERS[version]
 
 
 def _struct(name: str, fields: list[tuple[str, Any]], anonymous: tuple[str, ...] = ()) -> type[ctypes.Structure]:
@@ -77,7 +77,7 @@ class RkllmAbi:
 
     @property
     def number(self) -> int:
-        return _ABI_NUMBER[self.version]
+        return ABI_NUMBERS[self.version]
 
     # Capabilities the engine asks about, named after what they enable.
     @property
@@ -124,9 +124,9 @@ class RkllmAbi:
 
 
 def build_abi(version: str) -> RkllmAbi:
-    if version not in _ABI_NUMBER:
+    if version not in ABI_NUMBERS:
         raise ValueError(f"unknown rkllm ABI {version!r}; known: {', '.join(ABI_VERSIONS)}")
-    abi = _ABI_NUMBER[version]
+    abi = ABI_NUMBERS[version]
     c_char_p, c_size_t, c_float, c_int, c_int8, c_int32 = (
         ctypes.c_char_p,
         ctypes.c_size_t,
