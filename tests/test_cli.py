@@ -83,7 +83,11 @@ def cli_server(hub: HubEmulator, tmp_path_factory: pytest.TempPathFactory) -> It
 def test_version_prints_client_and_server(server: RkllamaServer) -> None:
     result = rkllama(server, "version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"rkllama {__version__}", f"server {__version__} at {server.base_url}"]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"rkllama {__version__}" and lines[4] == f"server {__version__} at {server.base_url}"
+    # The engines and the machine, for the client and then for the server (the same machine here).
+    assert lines[1].startswith("llama.cpp engine: llama-cpp-python ") and lines[3].startswith("SoC: ")
+    assert lines[5:8] == [f"  {line}" for line in lines[1:4]]
 
 
 def test_list_shows_name_size_format_modified(server: RkllamaServer) -> None:
