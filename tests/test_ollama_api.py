@@ -7,6 +7,7 @@ import json
 import math
 import secrets
 import time
+from datetime import UTC, datetime
 
 import httpx
 import ollama
@@ -64,7 +65,8 @@ def test_ps_shows_the_loaded_model(client: ollama.Client) -> None:
     assert [m.model for m in running] == [LISTED]
     assert running[0].context_length == 8192  # the model's trained context
     assert running[0].details.quantization_level == "Q4_1"
-    assert running[0].expires_at is not None
+    # A loaded model's expiry lies ahead (loaded at start: far ahead, "kept loaded").
+    assert running[0].expires_at > datetime.now(UTC)
 
 
 def test_version_and_head(server, client: ollama.Client) -> None:
