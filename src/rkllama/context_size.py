@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,13 @@ def default_kv_budget() -> int:
     except (ValueError, OSError, AttributeError):
         total = 8 << 30
     return total // 4
+
+
+def kv_unified(modelfile: Mapping[str, str]) -> bool:
+    """KV_UNIFIED from the Modelfile, else RKLLAMA_KV_UNIFIED; off unless set to a yes. Both the
+    scheduler's memory estimate and the llama.cpp engine read it here, so they agree."""
+    value = modelfile.get("KV_UNIFIED", os.environ.get("RKLLAMA_KV_UNIFIED")) or ""
+    return value.strip().lower() not in {"", "0", "false", "off", "no"}
 
 
 def trained_context(metadata: dict[str, Any]) -> int | None:
@@ -119,7 +127,6 @@ class ContextLimits:
         cls, metadata: dict[str, Any], modelfile: dict[str, str], setting_ctx: int | None, budget: int
     ) -> ContextLimits:
         parallel = _int(modelfile.get("NUM_PARALLEL")) or _int(os.environ.get("RKLLAMA_NUM_PARALLEL"))
-        unified = modelfile.get("KV_UNIFIED", os.environ.get("RKLLAMA_KV_UNIFIED")) or ""
         return cls(
             trained=trained_context(metadata),
             bytes_per_token=kv_bytes_per_token(metadata),
@@ -127,7 +134,7 @@ class ContextLimits:
             modelfile_ctx=_int(modelfile.get("NUM_CTX")),
             setting_ctx=setting_ctx,
             budget=budget,
-            unified=unified.strip().lower() not in {"", "0", "false", "off", "no"},
+            unified=kv_unified(modelfile),
         )
 
     def check_request(self, num_ctx: int) -> None:

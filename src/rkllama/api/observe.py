@@ -45,15 +45,14 @@ async def health(request: Request) -> Health:
 def loaded_model_facts(scheduler: Scheduler) -> list[LoadedModelFacts]:
     facts = []
     for model in scheduler.loaded():
-        running = min(model.runner.pending, model.info.parallel)
         facts.append(
             LoadedModelFacts(
                 name=model.name,
                 engine=model.info.engine,
                 pid=model.runner.pid,
                 memory_estimate=model.memory.total,
-                running=running,
-                waiting=model.runner.pending - running,
+                running=min(model.runner.pending, model.info.parallel),
+                waiting=scheduler.queue_depth(model.name),
             )
         )
     return facts

@@ -27,6 +27,7 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from ...chat_template import render_chat
+from ...context_size import kv_unified
 from ...types import (
     ChatMessage,
     DoneEvent,
@@ -96,17 +97,10 @@ def _int_setting(spec: LoadSpec, override: str, modelfile_key: str, default: int
         raise EngineError(f"{modelfile_key} must be an integer, got {value!r}.") from None
 
 
-def _switch(spec: LoadSpec, key: str, default: bool) -> bool:
-    """A yes/no setting: the load's override, else the Modelfile's KEY, else RKLLAMA_KEY."""
-    value = spec.overrides.get(key.lower(), spec.modelfile.get(key, os.environ.get(f"RKLLAMA_{key}")))
-    if value is None or not str(value).strip():
-        return default
-    return str(value).strip().lower() not in {"0", "false", "off", "no"}
-
-
 def _flash_attention(spec: LoadSpec) -> bool:
     """On unless the load, the Modelfile (FLASH_ATTN) or RKLLAMA_FLASH_ATTN says off."""
-    return _switch(spec, "FLASH_ATTN", True)
+    value = spec.overrides.get("flash_attn", spec.modelfile.get("FLASH_ATTN", os.environ.get("RKLLAMA_FLASH_ATTN")))
+    return str(value).strip().lower() not in {"0", "false", "off", "no"}
 
 
 def tool_call_schema(tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
@@ -177,7 +171,7 @@ class LlamaCppEngine:
                     self._llama_kwargs["n_batch"],
                     threads,
                     flash_attn=self._llama_kwargs["flash_attn"],
-                    unified=_switch(spec, "KV_UNIFIED", False),
+                    unified=kv_unified(spec.modelfile),
                 )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {os.path.basename(spec.path)}: {exc}") from None
