@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .runner.client import RunnerLimits, RunnerProcess
 from .runner.engines.base import LoadSpec
 from .store.models_dir import ModelEntry, ModelStore
+from .store.vision import vision_path
 from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class Scheduler:
             format=entry.format,
             modelfile=dict(entry.modelfile.values),
             overrides=overrides,
+            vision_path=str(path) if (path := vision_path(entry)) else None,
         )
         started = time.monotonic()
         try:

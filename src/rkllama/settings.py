@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .context_size import default_kv_budget, parse_size
 from .errors import RkllamaError
+from .images import ImageRules
 from .memory import parse_memory_budget
 
 DEFAULT_HOST = "127.0.0.1"
@@ -16,6 +17,9 @@ DEFAULT_MODELS_DIR = "~/RKLLAMA/models"
 # Generous: a chat with a few base64 images fits; one request cannot fill the memory.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 512
+# 4096 x 4096: larger than any vision encoder's input; decoding one costs at most ~64 MB.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_KEEP_ALIVE = "5m"
 
 
@@ -77,6 +81,15 @@ class RequestLimits:
     max_stop_strings: int = field(default_factory=lambda: _env_int("MAX_STOP_STRINGS", 32))
     max_stop_chars: int = field(default_factory=lambda: _env_int("MAX_STOP_CHARS", 256))
     max_images: int = field(default_factory=lambda: _env_int("MAX_IMAGES", 16))
+    # One image: its pixels (width x height, checked before decoding) and its encoded bytes.
+    max_image_pixels: int = field(default_factory=lambda: _env_int("MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+    max_image_bytes: int = field(default_factory=lambda: _env_int("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES))
+    # Let OpenAI image_url parts name http(s) URLs that the server fetches. Off: a server
+    # must not be made to fetch arbitrary URLs for a client (docs/vision.md).
+    image_urls: bool = field(default_factory=lambda: _env_bool("IMAGE_URLS"))
+
+    def image_rules(self) -> ImageRules:
+        return ImageRules(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
 
 
 @dataclass

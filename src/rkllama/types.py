@@ -21,6 +21,7 @@ class ChatMessage:
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    # Base64 PNG or JPEG images (checked by images.py), placed before the message's text.
     images: list[str] | None = None
 
 
@@ -64,6 +65,12 @@ class GenerateRequest:
     # Fit a prompt longer than the context by dropping the oldest messages, then cutting the
     # front (Ollama's default); False: refuse it with a 400 instead.
     truncate: bool = True
+    # Images of a raw prompt (Ollama's /api/generate with raw); chat images sit on their messages.
+    images: list[str] | None = None
+
+    @property
+    def image_count(self) -> int:
+        return len(self.images or []) + sum(len(m.images or []) for m in self.messages or [])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import BadRequest
 from ..scheduler import LoadedModel
 from ..store.names import resolve_model
+from ..store.vision import check_vision
 from ..toolcalls import ToolCall, may_become_tool_call, parse_tool_calls
 from ..types import DoneEvent, TokenEvent, Usage
 from .common import AppState, json_object
@@ -75,14 +76,16 @@ class Target:
         return int((time.perf_counter() - self.started) * 1e9)
 
 
-async def load_target(state: AppState, requested: object, num_ctx: int | None = None) -> Target:
+async def load_target(state: AppState, requested: object, num_ctx: int | None = None, images: int = 0) -> Target:
     """Resolve the requested name and make sure that model is loaded.
 
     A `num_ctx` (bounded by the model's trained context) larger than the loaded context
     reloads the model once its requests in flight are done; a smaller one runs in the loaded
-    context, the request trimmed to its own num_ctx (see docs/ollama.md)."""
+    context, the request trimmed to its own num_ctx (see docs/ollama.md). A request with
+    `images` is refused before anything loads if the model cannot see them."""
     started = time.perf_counter()
     entry = resolve_model(state.store, requested)
+    check_vision(entry, images)
     scheduler = state.scheduler
     if num_ctx is not None:
         scheduler.context_limits(entry).check_request(num_ctx)

@@ -192,7 +192,7 @@ def check_lengths(texts: list[str], limit: int, where: str, setting: str) -> Non
 
 
 def check_images(count: int, limits: RequestLimits) -> None:
-    """Images are not supported yet; a request holding too many is refused for that first."""
+    """At most RKLLAMA_MAX_IMAGES images per request (a model may allow fewer: MAX_IMAGES in its Modelfile)."""
     if count > limits.max_images:
         raise BadRequest(
             f"The request holds {count} images; at most {limits.max_images} are allowed (setting RKLLAMA_MAX_IMAGES)."

@@ -11,17 +11,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import BadRequest, Conflict, ModelNotFound, NotFound, RkllamaError
+from ..images import check_image_b64
 from ..scheduler import LoadedModel
 from ..settings import RequestLimits
 from ..store.pulls import is_being_pulled
+from ..store.vision import check_vision
 from ..types import ChatMessage, DoneEvent, GenerateRequest, SamplingOptions
 from .common import AppState, app_state, json_object, optional, optional_stop
 from .dialect import collect, truncation
-from .limits import SAMPLING, check_generate
+from .limits import SAMPLING, check_generate, check_images
 from .schemas import native as docs
 
 router = APIRouter()
@@ -85,8 +88,9 @@ async def current_model(state: AppState = Depends(app_state)) -> dict[str, str]:
     return {"model_name": current}
 
 
-def _messages(value: Any) -> tuple[list[ChatMessage] | None, str | None]:
-    """`messages` is a prompt string or a list of {role, content} chat messages."""
+def _messages(value: Any, limits: RequestLimits) -> tuple[list[ChatMessage] | None, str | None]:
+    """`messages` is a prompt string or a list of {role, content} chat messages. Where the
+    spec is silent, a message may carry Ollama's `images` (base64), for a vision model."""
     if isinstance(value, str):
         return [ChatMessage(role="user", content=value)], None
     if isinstance(value, list) and value:
@@ -98,9 +102,23 @@ def _messages(value: Any) -> tuple[list[ChatMessage] | None, str | None]:
                 or not isinstance(item.get("content", ""), str)
             ):
                 raise BadRequest(f"'messages[{index}]' must be an object with a string 'role' and a string 'content'.")
-            messages.append(ChatMessage(role=item["role"], content=item.get("content", "")))
+            messages.append(
+                ChatMessage(role=item["role"], content=item.get("content", ""), images=_images(item, index, limits))
+            )
+        check_images(sum(len(m.images or []) for m in messages), limits)
         return messages, None
     raise BadRequest('\'messages\' is required: a prompt string, or a non-empty list of {"role", "content"} objects.')
+
+
+def _images(item: dict[str, Any], index: int, limits: RequestLimits) -> list[str] | None:
+    images = item.get("images")
+    if images is None or images == []:
+        return None
+    if not isinstance(images, list):
+        raise BadRequest(f"'messages[{index}].images' must be a list of base64 strings.")
+    check_images(len(images), limits)
+    rules = limits.image_rules()
+    return [check_image_b64(image, f"messages.{index}.images.{i}", rules) for i, image in enumerate(images)]
 
 
 def _sampling(data: dict[str, Any], key: str, kind: type) -> Any:
@@ -111,7 +129,7 @@ def _sampling(data: dict[str, Any], key: str, kind: type) -> Any:
 
 
 def parse_generate(data: dict[str, Any], limits: RequestLimits) -> tuple[GenerateRequest, bool]:
-    messages, prompt = _messages(data.get("messages"))
+    messages, prompt = _messages(data.get("messages"), limits)
     stream = optional(data, "stream", bool)
     options = SamplingOptions(
         temperature=_sampling(data, "temperature", float),
@@ -159,10 +177,11 @@ async def generate(request: Request, state: AppState = Depends(app_state)) -> An
     current = state.scheduler.current_model
     if current is None:
         raise BadRequest(NO_MODEL)
-    generate_request, stream = parse_generate(data, state.settings.limits)
+    generate_request, stream = await anyio.to_thread.run_sync(parse_generate, data, state.settings.limits)
     model = state.scheduler.get_loaded(current)
     if model is None:
         raise BadRequest(NO_MODEL)
+    check_vision(model.entry, generate_request.image_count)
     created = int(time.time())
     if stream:
         return StreamingResponse(_stream(state, model, generate_request, created), media_type="text/plain")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -81,7 +82,7 @@ class _Exchange:
         self.body = body
         self.chat = chat
         self.keep_alive = parse_keep_alive(body.keep_alive)
-        self.request: GenerateRequest = body.to_request(state.settings.limits)
+        self.request = GenerateRequest()  # made in run(), off the event loop (images are decoded)
         self.target: Target | None = None
 
     def _empty(self) -> bool:
@@ -120,7 +121,8 @@ class _Exchange:
         return reply
 
     async def run(self) -> Any:
-        self.target = await load_target(self.state, self.body.model, self.body.num_ctx)
+        self.request = await anyio.to_thread.run_sync(self.body.to_request, self.state.settings.limits)
+        self.target = await load_target(self.state, self.body.model, self.body.num_ctx, self.request.image_count)
         if self._empty():
             return await self._load_only()
         events = self.state.scheduler.generate(self.target.model, self.request)

@@ -27,6 +27,7 @@ from ..store.ollama_modelfile import (
 from ..store.pull import PullProgress, pull_model
 from ..store.pull_ref import parse_pull_ref
 from ..store.pulls import is_being_pulled
+from ..store.vision import has_vision
 from .common import AppState, app_state
 from .dialect import parse_body
 from .limits import check_parameters
@@ -94,7 +95,7 @@ async def show(request: Request, state: AppState = Depends(app_state)) -> dict[s
         "system": entry.modelfile.get("SYSTEM") or "",
         "details": _details(state.store, entry),
         "model_info": model_info,
-        "capabilities": ["completion", "tools", "embedding"],
+        "capabilities": ["completion", "tools", "embedding", *(["vision"] if has_vision(entry) else [])],
         # Not Ollama's: the context a request without num_ctx gets now (model_info holds the trained one).
         "context_length": state.scheduler.default_context(entry),
         "modified_at": entry.modified.isoformat(),

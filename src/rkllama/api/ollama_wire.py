@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BadRequest
+from ..images import check_image_b64
 from ..settings import RequestLimits
 from ..toolcalls import tool_names
 from ..types import ChatMessage, GenerateRequest, SamplingOptions
@@ -107,18 +108,23 @@ class GenerateBody(_GenerateBase):
     images: list[str] | None = None
 
     def to_request(self, limits: RequestLimits) -> GenerateRequest:
-        if self.images:
-            check_images(len(self.images), limits)
-            raise BadRequest("Images are not supported by this server's models.")
+        check_images(len(self.images or []), limits)
+        images = _checked_images(self.images, "images", limits)
         if self.suffix:
             raise BadRequest("'suffix' (fill-in-the-middle) is not supported.")
         if self.template:
             raise BadRequest("'template' is not supported: the chat template comes from the model file.")
         if self.raw:
-            return self._request(limits, prompt=self.prompt or "")
+            return self._request(limits, prompt=self.prompt or "", images=images)
         messages = [ChatMessage(role="system", content=self.system)] if self.system else []
-        messages.append(ChatMessage(role="user", content=self.prompt or ""))
+        messages.append(ChatMessage(role="user", content=self.prompt or "", images=images))
         return self._request(limits, messages=messages)
+
+
+def _checked_images(images: list[str] | None, where: str, limits: RequestLimits) -> list[str] | None:
+    """Each image decoded and checked (images.py), in order; None when there are none."""
+    rules = limits.image_rules()
+    return [check_image_b64(image, f"{where}.{i}", rules) for i, image in enumerate(images)] if images else None
 
 
 class ChatBody(_GenerateBase):
@@ -129,9 +135,7 @@ class ChatBody(_GenerateBase):
         messages = []
         if images := sum(len(message.images or []) for message in self.messages or []):
             check_images(images, limits)
-        for message in self.messages or []:
-            if message.images:
-                raise BadRequest("Images are not supported by this server's models.")
+        for index, message in enumerate(self.messages or []):
             calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []]
             messages.append(
                 ChatMessage(
@@ -139,6 +143,7 @@ class ChatBody(_GenerateBase):
                     content=message.content or "",
                     tool_calls=calls or None,
                     name=message.tool_name,
+                    images=_checked_images(message.images, f"messages.{index}.images", limits),
                 )
             )
         if self.tools and not tool_names(self.tools):

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -22,6 +23,7 @@ from ..toolcalls import ToolCall, parse_tool_calls
 from ..types import DoneEvent, EmbedRequest, GenerateRequest, Usage
 from .common import AppState, app_state
 from .dialect import ReplyText, collect, load_target, parse_body, started, truncation
+from .image_urls import fetch_remote_images
 from .openai_wire import ChatBody, CompletionBody, EmbeddingsBody
 from .schemas import openai as docs
 
@@ -170,8 +172,10 @@ class _Completion:
 
 
 async def _complete(state: AppState, body: ChatBody | CompletionBody, chat: bool) -> Any:
-    generate_request = body.to_request(state.settings.limits)
-    target = await load_target(state, body.model)
+    limits = state.settings.limits
+    generate_request = await anyio.to_thread.run_sync(body.to_request, limits)  # images are decoded
+    await fetch_remote_images(generate_request, limits)
+    target = await load_target(state, body.model, images=generate_request.image_count)
     completion = _Completion(body, generate_request, chat)
     events = state.scheduler.generate(target.model, generate_request)
     if body.stream:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BadRequest
+from ..images import check_image_b64, data_url_payload
 from ..settings import RequestLimits
 from ..toolcalls import tool_names
 from ..types import ChatMessage, GenerateRequest, SamplingOptions
@@ -64,21 +65,49 @@ class _Sampling(_Wire):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-def _text(content: Any, where: str) -> str:
-    """Message content: a string, or a list of parts of which only text is supported."""
+def _content(content: Any, where: str, limits: RequestLimits | None) -> tuple[str, list[str]]:
+    """Message content: a string, or a list of text and (with `limits`) image parts. The
+    text parts are joined and the images, in order, go before the text (as Ollama does)."""
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise BadRequest(f"'{where}': content parts of type {kind!r} are not supported; only text.")
+        return content, []
+    if not isinstance(content, list):
+        raise BadRequest(f"'{where}' must be a string or a list of content parts.")
+    texts: list[str] = []
+    images: list[str] = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        return "".join(texts)
-    raise BadRequest(f"'{where}' must be a string or a list of text parts.")
+        elif kind in IMAGE_PARTS and limits is not None:
+            images.append(_image_part(part, f"{where}.{index}", limits))
+        else:
+            allowed = "text and image_url" if limits is not None else "text"
+            raise BadRequest(f"'{where}': content parts of type {kind!r} are not supported; only {allowed}.")
+    return "".join(texts), images
+
+
+IMAGE_PARTS = ("image_url", "input_image")
+
+
+def _image_part(part: dict[str, Any], where: str, limits: RequestLimits) -> str:
+    """The checked base64 image of an image part; an http(s) URL stays a URL, fetched later
+    (api/image_urls.py) when RKLLAMA_IMAGE_URLS allows it."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise BadRequest(f"'{where}.image_url' must be {{'url': 'data:image/png;base64,...'}}.")
+    if url.lower().startswith(("http://", "https://")):
+        if not limits.image_urls:
+            raise BadRequest(
+                f"'{where}.image_url' is a remote URL; this server does not fetch URLs. Send the image as a "
+                "data URL (data:image/png;base64,...), or start the server with RKLLAMA_IMAGE_URLS=1."
+            )
+        return url
+    if not url.lower().startswith("data:"):
+        raise BadRequest(f"'{where}.image_url.url' must be a data URL (data:image/png;base64,...) or an http(s) URL.")
+    return check_image_b64(data_url_payload(url, f"{where}.image_url.url"), f"{where}.image_url", limits.image_rules())
 
 
 def _call(call: Any, where: str) -> dict[str, Any]:
@@ -107,15 +136,17 @@ class ChatBody(_Sampling):
     tool_choice: str | dict[str, Any] | None = None
     logprobs: bool | None = None
 
-    def _messages(self) -> list[ChatMessage]:
+    def _messages(self, limits: RequestLimits) -> list[ChatMessage]:
         out = []
         for index, message in enumerate(self.messages):
             where = f"messages.{index}"
             calls = [_call(c, f"{where}.tool_calls.{i}") for i, c in enumerate(message.tool_calls or [])]
+            text, images = _content(message.content, f"{where}.content", limits)
             out.append(
                 ChatMessage(
                     role="system" if message.role == "developer" else message.role,
-                    content=_text(message.content, f"{where}.content"),
+                    content=text,
+                    images=images or None,
                     tool_calls=calls or None,
                     tool_call_id=message.tool_call_id,
                     name=message.name,
@@ -158,7 +189,7 @@ class ChatBody(_Sampling):
             for message in self.messages
             if isinstance(message.content, list)
             for part in message.content
-            if isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
+            if isinstance(part, dict) and part.get("type") in IMAGE_PARTS
         )
 
     def to_request(self, limits: RequestLimits) -> GenerateRequest:
@@ -174,7 +205,7 @@ class ChatBody(_Sampling):
         tools = None if choice == "none" else (self.tools or None)
         max_field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         request = GenerateRequest(
-            messages=self._messages(),
+            messages=self._messages(limits),
             options=self._options(self.max_completion_tokens or self.max_tokens),
             response_format=self._format(),
             tools=tools,

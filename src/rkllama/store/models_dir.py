@@ -137,7 +137,13 @@ class ModelStore:
             path = folder / file_name
             if _is_model_file(path):
                 return self._guarded(path, name)
-        found = [p for p in sorted(folder.iterdir()) if _is_model_file(p)]
+        # A vision model's projector is a GGUF too; it is never the model.
+        projector = modelfile.get("MMPROJ")
+        found = [
+            p
+            for p in sorted(folder.iterdir())
+            if _is_model_file(p) and p.name != projector and not p.name.lower().startswith("mmproj")
+        ]
         if not found:
             raise ModelNotFound(name, f"Model {name} has no .gguf or .rkllm file in its folder.")
         return self._guarded(found[0], name)

@@ -22,6 +22,9 @@ class LoadModelRequest(BaseModel):
 class ChatTurn(BaseModel):
     role: str = Field(description="system, user, assistant or tool.")
     content: str = ""
+    images: list[str] | None = Field(
+        None, description="Not in the spec, as Ollama's: base64 images for a vision model (docs/vision.md)."
+    )
 
 
 class GenerateRequest(BaseModel):

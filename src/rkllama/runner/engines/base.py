@@ -29,6 +29,9 @@ class LoadSpec:
     modelfile: dict[str, str] = field(default_factory=dict)
     # Load-time overrides from the request (e.g. Ollama's num_ctx), by lower-case name.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The vision file (llama.cpp projector GGUF or rkllm .rknn encoder), checked to be inside
+    # the model's folder by the store; None: the model takes no images.
+    vision_path: str | None = None
 
 
 class EngineError(Exception):
