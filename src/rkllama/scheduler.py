@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .runner.client import RunnerLimits, RunnerProcess
 from .runner.engines.base import LoadSpec
 from .store.models_dir import ModelEntry, ModelStore
-from .store.vision import vision_path
+from .store.vision import vision_file_size, vision_path
 from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,14 @@ class Scheduler:
         return self.context_limits(entry).plan().context if entry.format == "gguf" else None
 
     def memory_need(self, entry: ModelEntry, context: int | None, parallel: int) -> MemoryNeed:
-        """What `entry` takes once loaded with this context and number of sequences."""
+        """What `entry` takes once loaded with this context and number of sequences (its
+        vision projector or encoder, if any, counts with the weights)."""
+        size = entry.size + vision_file_size(entry)
         if entry.format == "gguf":
             facts = self.context_limits(entry)
             sequences = 1 if facts.unified else parallel  # a unified KV pool is one context
-            return gguf_need(entry.size, facts.bytes_per_token, context or facts.plan().context, sequences)
-        return rkllm_need(entry.size)
+            return gguf_need(size, facts.bytes_per_token, context or facts.plan().context, sequences)
+        return rkllm_need(size)
 
     def memory_in_use(self) -> int:
         return sum(m.memory.total for m in self._loaded.values()) + sum(n.total for n in self._starting.values())

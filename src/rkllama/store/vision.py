@@ -45,6 +45,15 @@ def vision_path(entry: ModelEntry) -> Path | None:
     return path.resolve()
 
 
+def vision_file_size(entry: ModelEntry) -> int:
+    """Bytes of the model's vision file (its weights load beside the model's); 0 if none or unusable."""
+    try:
+        path = vision_path(entry)
+        return path.stat().st_size if path else 0
+    except (BadRequest, OSError):
+        return 0
+
+
 def check_vision(entry: ModelEntry, images: int) -> None:
     """Refuse images for a model that cannot see them, or more of them than its Modelfile allows."""
     if images <= 0:
