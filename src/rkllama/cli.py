@@ -17,7 +17,7 @@ from .client import PULL_ERROR_PREFIX, ClientError, RkllamaClient, ServerError, 
 from .errors import RkllamaError
 from .service_cli import add_service_parser
 from .settings import Settings, comma_list, read_api_key_file
-from .store.pull_ref import parse_pull_ref
+from .store.pull_spec import parse_pull_spec
 
 _PATH_SETTINGS = {"models_dir", "api_key_file"}
 
@@ -202,7 +202,7 @@ def _pull(args: argparse.Namespace) -> int:
                 done = line == "100%"
     if not done:
         raise ClientError("the download ended before 100%; run the same pull again to resume it.")
-    name = parse_pull_ref(args.model).model_name
+    name = parse_pull_spec(args.model).ref.model_name
     print(f"Pulled {name}. Chat with it: rkllama run {name}")
     return 0
 
@@ -350,7 +350,7 @@ def add_client_parsers(commands: argparse._SubParsersAction) -> None:
     command("list", _list, "list the models in the models directory")
     command("ps", _ps, "list the loaded models")
     pull = command("pull", _pull, "download a model from Hugging Face")
-    pull.add_argument("model", help="hf/username/repo/file.gguf (or .rkllm)")
+    pull.add_argument("model", help="hf/username/repo/file.gguf (or .rkllm), optionally +<vision file> or +none")
     command("rm", _rm, "delete a model").add_argument("model")
     command("load", _load, "load a model (unloading the current one)").add_argument("model")
     command("unload", _unload, "unload the current model")

@@ -3,6 +3,9 @@
     Downloading <file> (<size> MB)...
     <progress>%            one line each time the whole percent changes, ending at 100%
 
+A vision model's projector or encoder comes along: `Downloading <file> + <vision file> (<size> MB)...`,
+the size and the percentages counting both files (docs/pull.md, "Vision models").
+
 Errors found before the download starts (bad path, repo or file not found, gated repo,
 network down, disk too small, name taken) are a 400 with
 {"error": "Error during download: <error>"}. Once the 200 has started streaming, a failure
@@ -20,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import RkllamaError
 from ..store.pull import PullProgress, pull_model
-from ..store.pull_ref import parse_pull_ref
+from ..store.pull_spec import parse_pull_spec
 from .common import AppState, app_state, json_object
 from .schemas import native as docs
 
@@ -46,7 +49,8 @@ async def _start(events: AsyncIterator[PullProgress]) -> PullProgress:
 
 
 async def _lines(events: AsyncIterator[PullProgress], first: PullProgress) -> AsyncIterator[str]:
-    yield f"Downloading {first.filename} ({first.total / _MB:.2f} MB)...\n"
+    names = " + ".join(first.files or (first.filename,))
+    yield f"Downloading {names} ({first.total / _MB:.2f} MB)...\n"
     last: int | None = None
     try:
         event = first
@@ -70,8 +74,8 @@ async def pull(request: Request, state: AppState = Depends(app_state)) -> Stream
     events: AsyncIterator[PullProgress] | None = None
     try:
         data = await json_object(request)
-        ref = parse_pull_ref(data.get("model"))
-        events = pull_model(state.store, ref)
+        spec = parse_pull_spec(data.get("model"))
+        events = pull_model(state.store, spec)
         first = await _start(events)
     except RkllamaError as exc:
         if events is not None:

@@ -25,7 +25,7 @@ from ..store.ollama_modelfile import (
     render_parameters,
 )
 from ..store.pull import PullProgress, pull_model
-from ..store.pull_ref import parse_pull_ref
+from ..store.pull_spec import parse_pull_spec
 from ..store.pulls import is_being_pulled
 from ..store.vision import has_vision
 from .common import AppState, app_state
@@ -189,15 +189,21 @@ async def create(request: Request, state: AppState = Depends(app_state)) -> Any:
 
 # --- pull ----------------------------------------------------------------------------------
 def _progress(event: PullProgress) -> dict[str, Any]:
-    status = f"pulling {event.filename}" if event.status == "downloading" else event.status
-    return {"status": status, "total": event.total, "completed": event.completed} if event.total else {"status": status}
+    # Like Ollama's layers: one "pulling <file>" run per file (the model, then its vision file), each its own total.
+    if event.status == "downloading":
+        return {"status": f"pulling {event.filename}", "total": event.file_total, "completed": event.file_completed}
+    return (
+        {"status": event.status, "total": event.total, "completed": event.completed}
+        if event.total
+        else {"status": event.status}
+    )
 
 
 @router.post("/api/pull", **docs.PULL)
 async def pull(request: Request, state: AppState = Depends(app_state)) -> Any:
     body = await parse_body(request, PullBody)
-    ref = parse_pull_ref(body.model or body.name)
-    events = pull_model(state.store, ref)
+    spec = parse_pull_spec(body.model or body.name)
+    events = pull_model(state.store, spec)
     if not body.stream:
         last: dict[str, Any] = {}
         async for event in events:
