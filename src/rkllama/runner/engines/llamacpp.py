@@ -42,6 +42,8 @@ from ...types import (
 from .base import EngineError, EngineRuntimeError, LoadSpec
 from .cpu_threads import THREADS_ENV, default_threads
 from .llamacpp_batch import BatchDecoder, Finished, Job, common_prefix
+from .llamacpp_images import ImageCache, PromptImages, drop_partial_images
+from .llamacpp_vision import Projector
 from .prompt_fit import FittedPrompt, cut_front, fit_chat, reply_room
 from .textstream import TextAssembler
 
@@ -152,8 +154,10 @@ class LlamaCppEngine:
         _avoid_amx_weight_buffers()
         self.llm: Llama | None = None
         self._decoder: BatchDecoder | None = None
+        self._images: ImageCache | None = None
         try:
-            if self.n_parallel == 1:
+            # Images need our own decoder (Llama.generate takes tokens only), also for one sequence.
+            if self.n_parallel == 1 and not spec.vision_path:
                 self.llm = Llama(**self._llama_kwargs)
                 self.model = self.llm._model
                 self.n_ctx = self.llm.n_ctx()
@@ -164,6 +168,8 @@ class LlamaCppEngine:
                 set_verbose(False)
                 self.model = LlamaModel(path_model=spec.path, params=model_params, verbose=False)
                 self.n_ctx = n_ctx
+                projector = Projector(self.model, spec.vision_path, threads) if spec.vision_path else None
+                self._images = ImageCache(projector) if projector else None
                 self._decoder = BatchDecoder(
                     self.model,
                     n_ctx,
@@ -172,6 +178,7 @@ class LlamaCppEngine:
                     threads,
                     flash_attn=self._llama_kwargs["flash_attn"],
                     unified=kv_unified(spec.modelfile),
+                    projector=projector,
                 )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {os.path.basename(spec.path)}: {exc}") from None
@@ -216,11 +223,39 @@ class LlamaCppEngine:
         add_bos = not (self._bos and text.startswith(self._bos))
         return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def _fit_prompt(self, request: GenerateRequest, context: int, reserve: int) -> FittedPrompt:
+    def _prompt_images(self, request: GenerateRequest) -> PromptImages | None:
+        if not request.image_count:
+            return None
+        if self._images is None:
+            raise EngineError(f"Model {self.spec.name} cannot read images: its Modelfile names no projector (MMPROJ).")
+        images = [i for m in request.messages or [] for i in m.images or []] + (request.images or [])
+        return PromptImages(self._images, images)
+
+    def _tokenizer(self, images: PromptImages | None) -> Callable[[str], list[int]]:
+        """Text to tokens; with images, their markers become the images' tokens."""
+        if images is None:
+            return self._tokenize_prompt
+
+        def text_piece(text: str, first: bool) -> list[int]:
+            return self._tokenize_prompt(text) if first else self.tokenize(text)
+
+        return lambda text: images.tokenize(text, text_piece)
+
+    def _fit_prompt(
+        self, request: GenerateRequest, context: int, reserve: int, images: PromptImages | None = None
+    ) -> FittedPrompt:
         """The prompt's tokens, fitted into `context` with `reserve` tokens left for the reply."""
+        tokenize = self._tokenizer(images)
         if request.messages is None:
-            tokens = self._tokenize_prompt(request.prompt or "")
-            return cut_front(tokens, context, reserve, truncate=request.truncate, keep=self._keep(tokens))
+            prompt = request.prompt or ""
+            tokens = tokenize(images.raw_prompt(prompt) if images else prompt)
+            fitted = cut_front(tokens, context, reserve, truncate=request.truncate, keep=self._keep(tokens))
+            if images is not None:
+                kept = drop_partial_images(fitted.tokens, self._keep(tokens))
+                fitted = replace(
+                    fitted, tokens=kept, truncated_tokens=fitted.truncated_tokens + len(fitted.tokens) - len(kept)
+                )
+            return fitted
 
         def render(messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> str:
             return render_chat(
@@ -233,11 +268,13 @@ class LlamaCppEngine:
             )
 
         messages = self._messages(request)
+        if images is not None:
+            messages = images.with_markers(messages)
         first = self._tokenize_prompt(self._bos)[:1] if self._bos else []
         return fit_chat(
             messages,
             render,
-            self._tokenize_prompt,
+            tokenize,
             context=context,
             reserve=reserve,
             truncate=request.truncate,
@@ -273,8 +310,11 @@ class LlamaCppEngine:
         # A request's num_ctx smaller than the loaded context limits it (no reload needed).
         context = min(self.n_ctx, request.num_ctx or self.n_ctx)
         reserve = reply_room(context, options.max_tokens)
-        fitted = self._fit_prompt(request, context, reserve)
+        images = self._prompt_images(request)
+        fitted = self._fit_prompt(request, context, reserve, images)
         tokens = fitted.tokens
+        if images is not None:
+            images.encode(tokens)
         if not tokens:
             # llama.cpp cannot decode an empty batch (a raw, empty prompt: /v1/completions "").
             raise EngineError("The prompt is empty: there is nothing to generate from.")
@@ -289,7 +329,8 @@ class LlamaCppEngine:
         if limit == 0:
             source: Generator[int, None, str] = _no_tokens()
         elif self._decoder is not None:
-            job = Job(prompt=tokens, sampler=self._sampler(options, grammar, seed), limit=limit, cancel=cancel)
+            sampler = self._sampler(options, grammar, seed)
+            job = Job(prompt=tokens, sampler=sampler, limit=limit, cancel=cancel, images=images)
             source = self._batched_tokens(job, usage)
         else:
             source = self._sequential_tokens(tokens, options, grammar, seed, limit, usage)
@@ -403,6 +444,8 @@ class LlamaCppEngine:
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
+        if self._images is not None:
+            self._images.projector.close()
         if self.llm is not None:
             self.llm.close()
         else:

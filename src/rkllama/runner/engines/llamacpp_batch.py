@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 import llama_cpp
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler
 
+from .llamacpp_images import PromptImages, is_image_token
+from .llamacpp_vision import Projector, causal_off, image_batches
+
 log = logging.getLogger(__name__)
 
 # What a request's queue receives: sampled token ids, then one Finished (or an Exception).
@@ -66,6 +69,10 @@ class Job:
     cached: int = 0  # prompt tokens reused from the slot's cache (set when a slot is assigned)
     generated: int = 0
     prompt_done: bool = False
+    # The request's images (their placeholders sit in `prompt`), and the KV position where
+    # the image chunk being evaluated starts.
+    images: PromptImages | None = None
+    image_pos0: int = 0
 
 
 @dataclass
@@ -74,6 +81,15 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
     job: Job | None = None
     last_used: int = 0  # when it last started or ended a job, on the decoder's event clock
+
+
+def _text_run(pending: list[int], chunk: int) -> list[int]:
+    """The next tokens to evaluate as text: up to `chunk`, stopping before an image."""
+    take = pending[:chunk]
+    for i, token in enumerate(take):
+        if is_image_token(token):
+            return take[:i]
+    return take
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -113,6 +129,7 @@ class BatchDecoder:
         n_threads: int,
         flash_attn: bool,
         unified: bool = False,
+        projector: Projector | None = None,
     ) -> None:
         self.model = model
         self.n_ctx = n_ctx
@@ -137,6 +154,7 @@ class BatchDecoder:
         params.no_perf = True
         self._ctx = LlamaContext(model=model, params=params, verbose=False)
         self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._projector = projector
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
         self._clock = 0  # counts jobs started and ended, to age slot caches
         self._waiting: list[Job] = []
@@ -202,14 +220,18 @@ class BatchDecoder:
             reuse = common_prefix(slot.cached, job.prompt)
             if reuse == len(job.prompt):
                 reuse -= 1  # evaluate at least one token to get fresh logits
+            position = reuse
+            if job.images is not None:  # reuse whole images only; positions may differ from indices
+                reuse = job.images.image_start(job.prompt, reuse)
+                position = job.images.position(job.prompt, reuse)
             mem = self._ctx.memory
-            if reuse > 0 and not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, reuse, -1):
-                reuse = 0
+            if reuse > 0 and not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, position, -1):
+                reuse = position = 0
             if reuse == 0:
                 llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
             slot.cached = job.prompt[:reuse]
             self._touch(slot)
-            job.cached = job.n_past = reuse
+            job.cached, job.n_past = reuse, position
             job.pending = job.prompt[reuse:]
             slot.job = job
 
@@ -259,7 +281,11 @@ class BatchDecoder:
             # A prompt chunk goes alone, in n_batch pieces as when it runs by itself: mixed
             # with other sequences, llama.cpp splits it unevenly and, deep into a long
             # context, the answer then drifts from the one the request gets alone.
-            self._decode(prompting[:1], self.n_batch, others_running=bool(generating))
+            slot, job = prompting[0]
+            if is_image_token(job.pending[0]):
+                self._decode_image(slot, job, others_running=bool(generating))
+            else:
+                self._decode(prompting[:1], self.n_batch, others_running=bool(generating))
 
     def _decode(self, jobs: list[tuple[Slot, Job]], chunk: int, others_running: bool = False) -> None:
         """Evaluate up to `chunk` pending tokens of each job; sample those now complete.
@@ -312,7 +338,7 @@ class BatchDecoder:
         n = 0
         takes: list[list[int]] = []
         for slot, job in jobs:
-            take = job.pending[:chunk]
+            take = _text_run(job.pending, chunk)
             for i, token in enumerate(take):
                 batch.token[n] = token
                 batch.pos[n] = job.n_past + i
@@ -336,6 +362,11 @@ class BatchDecoder:
             job.pending = job.pending[len(take) :]
             if not job.pending:
                 sample_at.append((slot, job, index - 1))
+        self._sample(sample_at)
+        return 0
+
+    def _sample(self, sample_at: list[tuple[Slot, Job, int]]) -> None:
+        """Sample the jobs whose prompt or last token was just evaluated, at batch row `at`."""
         for slot, job, at in sample_at:
             job.prompt_done = True
             token = job.sampler.sample(self._ctx, at)
@@ -348,7 +379,35 @@ class BatchDecoder:
                 self._end(slot, Finished(LENGTH))
             else:
                 job.pending = [token]
-        return 0
+
+    def _decode_image(self, slot: Slot, job: Job, others_running: bool) -> None:
+        """Evaluate the next piece (n_batch rows) of the image chunk the job's prompt is at, as
+        an embeddings batch of its own (libmtmd's way: embeddings and tokens do not share a
+        batch, and a chunk may need non-causal attention). A reused prefix always ends at an
+        image's start, so pieces are whole n_batch blocks of the chunk."""
+        assert self._projector is not None and job.images is not None
+        chunk, row0 = job.images.rows(job.pending[0])
+        if row0 == 0:
+            job.image_pos0 = job.n_past
+        last = len(job.pending) == chunk.chunk.n_tokens - row0  # the prompt ends with this image
+        pieces = image_batches(
+            self._projector, chunk.chunk, chunk.embeddings, job.image_pos0, slot.seq_id, self.n_batch, last
+        )
+        piece = pieces[row0 // self.n_batch]
+        with causal_off(self._ctx.ctx, self._projector.non_causal):
+            code = llama_cpp.llama_decode(self._ctx.ctx, piece.batch)
+        if code != 0:
+            if code == NO_KV_SLOT and self.unified and (self._drop_idle_caches() or others_running):
+                return  # retried at the next step, once there is room
+            self._fail([(slot, job)], f"llama_decode failed with code {code} on an image")
+            return
+        take = piece.n_tokens
+        slot.cached.extend(job.pending[:take])
+        job.pending = job.pending[take:]
+        if row0 + take == chunk.chunk.n_tokens:
+            job.n_past = job.image_pos0 + chunk.chunk.n_pos
+        if last and not job.pending:
+            self._sample([(slot, job, take - 1)])
 
     def _fail(self, jobs: list[tuple[Slot, Job]], reason: str) -> None:
         """A failed step leaves the cache of these sequences unknown: forget them."""
