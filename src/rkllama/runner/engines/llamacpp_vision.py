@@ -328,6 +328,9 @@ def decode_image(
     logits_last: bool = False,
 ) -> int:
     """Decodes the image's embeddings into seq_id from n_past; returns the new n_past."""
+    if projector.non_causal and llama_cpp.llama_n_ubatch(ctx) < chunk.n_tokens:
+        # Split across ubatches, the image would attend only partly to itself.
+        raise EngineError(f"an image of {chunk.n_tokens} tokens needs a micro-batch size of at least that")
     batches = image_batches(projector, chunk, embd, n_past, seq_id, n_batch, logits_last)
     with causal_off(ctx, projector.non_causal):
         for piece in batches:
