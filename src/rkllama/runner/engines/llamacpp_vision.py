@@ -40,7 +40,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import mtmd_cpp as mtmd
 from llama_cpp._internals import LlamaModel
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .base import EngineError, EngineRuntimeError
 
@@ -81,6 +81,8 @@ def _image_rgb(data: bytes, index: int) -> tuple[int, int, bytes]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")
+    except UnidentifiedImageError as exc:
+        raise EngineError(f"image {index + 1} is not in a known image format") from exc
     except Exception as exc:  # PIL raises many types for broken data
         raise EngineError(f"image {index + 1} could not be decoded: {exc}") from exc
     return rgb.width, rgb.height, rgb.tobytes()
