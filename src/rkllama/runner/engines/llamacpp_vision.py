@@ -161,8 +161,10 @@ class Projector:
         n_markers = prompt_text.count(self.marker)
         if n_markers != len(images):
             raise EngineError(f"the prompt has {n_markers} image marker(s) but {len(images)} image(s) came with it")
-        bitmaps = [self._bitmap(data, i) for i, data in enumerate(images)]
+        bitmaps: list[int] = []
         try:
+            for i, data in enumerate(images):  # one by one: those made are freed if a later one fails
+                bitmaps.append(self._bitmap(data, i))
             with self._lock:
                 return self._tokenize(prompt_text, images, bitmaps, add_special)
         finally:
