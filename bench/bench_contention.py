@@ -40,7 +40,7 @@ from bench_server import (  # noqa: E402
     ROOT,
     ChatMessage,
     ModelStore,
-    _avoid_amx_weight_buffers,
+    avoid_amx_weight_buffers,
     children,
     install_default_model,
     llama_server,
@@ -131,7 +131,7 @@ def direct_stream(gguf: Path, threads: int) -> tuple[Callable[[int, int, float],
     """llama-cpp-python in this process, with the runner's settings (flash attention)."""
     from llama_cpp import Llama
 
-    _avoid_amx_weight_buffers()
+    avoid_amx_weight_buffers()
     llm = Llama(str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
     template = llm.metadata.get("tokenizer.chat_template")
 

@@ -34,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rkllama.chat_template import render_chat  # noqa: E402
-from rkllama.runner.engines.llamacpp import _avoid_amx_weight_buffers, _cpu_has_amx  # noqa: E402
+from rkllama.runner.engines.llamacpp_cpu import avoid_amx_weight_buffers, cpu_has_amx  # noqa: E402
 from rkllama.store.default_model import DEFAULT_MODEL_NAME, install_default_model  # noqa: E402
 from rkllama.store.models_dir import ModelStore  # noqa: E402
 from rkllama.types import ChatMessage  # noqa: E402
@@ -86,7 +86,7 @@ class DirectLlama:
     def __init__(self, gguf: Path, threads: int) -> None:
         from llama_cpp import Llama
 
-        _avoid_amx_weight_buffers()
+        avoid_amx_weight_buffers()
         self.llm = Llama(
             str(gguf), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
         )
@@ -194,7 +194,7 @@ def llama_server(binary: Path, gguf: Path, threads: int, streams: int) -> Iterat
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * streams), "-np", str(streams)]
-    if _cpu_has_amx():
+    if cpu_has_amx():
         args.append("--no-repack")  # as our runner: AMX weight buffers crash here
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     yield from serving(proc, port, "/health")

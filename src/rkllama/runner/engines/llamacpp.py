@@ -11,7 +11,6 @@ Either way, multi-turn chats do not re-read their history.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -22,9 +21,8 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import Llama, LlamaGrammar
-from llama_cpp._internals import LlamaModel, LlamaSampler
+from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
-from llama_cpp.llama_grammar import JSON_GBNF
 
 from ...chat_template import render_chat
 from ...context_size import kv_unified
@@ -42,10 +40,12 @@ from ...types import (
 from .base import EngineError, EngineRuntimeError, LoadSpec
 from .cpu_threads import THREADS_ENV, default_threads
 from .llamacpp_batch import BatchDecoder, Finished, Job, common_prefix
+from .llamacpp_cpu import avoid_amx_weight_buffers
+from .llamacpp_events import no_tokens, text_events
 from .llamacpp_images import ImageCache, PromptImages, drop_partial_images
+from .llamacpp_sampling import grammar_for, sampler_chain
 from .llamacpp_vision import Projector
 from .prompt_fit import FittedPrompt, cut_front, fit_chat, reply_room
-from .textstream import TextAssembler
 
 BUILTIN_DEFAULTS = SamplingOptions(
     temperature=0.8,
@@ -58,37 +58,6 @@ BUILTIN_DEFAULTS = SamplingOptions(
 )
 DEFAULT_CONTEXT = 4096
 DEFAULT_PARALLEL = 4
-# Tokens of recent output the repeat penalties look at (llama-cpp-python's default).
-PENALTY_LAST_N = 64
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as cpuinfo:
-            return " amx_int8" in cpuinfo.read()
-    except OSError:
-        return False
-
-
-def _avoid_amx_weight_buffers() -> None:
-    """llama.cpp's AMX weight buffers segfault on some AMX machines (llama.cpp issue
-    #20824; seen here on every batched decode). On such CPUs load models without the
-    extra buffer types, like llama-server's --no-repack. llama-cpp-python has no flag for
-    it, so its default-params function is wrapped, in this runner process only.
-    RKLLAMA_LLAMA_EXTRA_BUFFERS=1 keeps them."""
-    if os.environ.get("RKLLAMA_LLAMA_EXTRA_BUFFERS") == "1" or not _cpu_has_amx():
-        return
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-    if getattr(defaults, "_rkllama_wrapped", False):
-        return
-
-    def without_extra_buffers():  # type: ignore[no-untyped-def]
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    without_extra_buffers._rkllama_wrapped = True  # type: ignore[attr-defined]
-    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
 
 
 def _int_setting(spec: LoadSpec, override: str, modelfile_key: str, default: int | str) -> int:
@@ -103,27 +72,6 @@ def _flash_attention(spec: LoadSpec) -> bool:
     """On unless the load, the Modelfile (FLASH_ATTN) or RKLLAMA_FLASH_ATTN says off."""
     value = spec.overrides.get("flash_attn", spec.modelfile.get("FLASH_ATTN", os.environ.get("RKLLAMA_FLASH_ATTN")))
     return str(value).strip().lower() not in {"0", "false", "off", "no"}
-
-
-def tool_call_schema(tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
-    """JSON schema of one call to the chosen tool (or to any tool for "required")."""
-    functions = [t.get("function", t) for t in tools]
-    if choice != "required":
-        functions = [f for f in functions if f.get("name") == choice]
-        if not functions:
-            raise EngineError(f"tool_choice names {choice!r}, which is not among the tools.")
-    options = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-        }
-        for f in functions
-    ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 class LlamaCppEngine:
@@ -151,7 +99,7 @@ class LlamaCppEngine:
             flash_attn=_flash_attention(spec),
             verbose=False,
         )
-        _avoid_amx_weight_buffers()
+        avoid_amx_weight_buffers()
         self.llm: Llama | None = None
         self._decoder: BatchDecoder | None = None
         self._images: ImageCache | None = None
@@ -163,7 +111,7 @@ class LlamaCppEngine:
                 self.n_ctx = self.llm.n_ctx()
             else:
                 # No Llama object: its own context would be a second KV cache for nothing.
-                # Looked up where _avoid_amx_weight_buffers wraps it; silence native logs as Llama does.
+                # Looked up where avoid_amx_weight_buffers wraps it; silence native logs as Llama does.
                 model_params = llama_cpp.llama_cpp.llama_model_default_params()
                 set_verbose(False)
                 self.model = LlamaModel(path_model=spec.path, params=model_params, verbose=False)
@@ -287,25 +235,10 @@ class LlamaCppEngine:
         bos = self.model.token_bos()
         return 1 if tokens and bos >= 0 and tokens[0] == bos else 0
 
-    def _grammar(self, request: GenerateRequest) -> LlamaGrammar | None:
-        try:
-            if request.tools and request.tool_choice:
-                schema = tool_call_schema(request.tools, request.tool_choice)
-                return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-            if request.response_format == "json":
-                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-            if isinstance(request.response_format, dict):
-                return LlamaGrammar.from_json_schema(json.dumps(request.response_format), verbose=False)
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise EngineError(f"The JSON schema in format could not be turned into a grammar: {exc}") from None
-        return None
-
     # --- the seam -------------------------------------------------------------------
     def generate(self, request: GenerateRequest, cancel: threading.Event) -> Iterator[TokenEvent | DoneEvent]:
         options = request.options.merged_over(self.defaults)
-        grammar = self._grammar(request)
+        grammar = grammar_for(request)
         started = time.perf_counter()
         # A request's num_ctx smaller than the loaded context limits it (no reload needed).
         context = min(self.n_ctx, request.num_ctx or self.n_ctx)
@@ -327,14 +260,14 @@ class LlamaCppEngine:
         limit = room if options.max_tokens is None or options.max_tokens < 0 else min(options.max_tokens, room)
         seed = options.seed if options.seed is not None else random.randint(0, 2**31 - 1)
         if limit == 0:
-            source: Generator[int, None, str] = _no_tokens()
+            source: Generator[int, None, str] = no_tokens()
         elif self._decoder is not None:
-            sampler = self._sampler(options, grammar, seed)
+            sampler = sampler_chain(self.model, options, grammar, seed)
             job = Job(prompt=tokens, sampler=sampler, limit=limit, cancel=cancel, images=images)
             source = self._batched_tokens(job, usage)
         else:
             source = self._sequential_tokens(tokens, options, grammar, seed, limit, usage)
-        yield from _text_events(source, self.model.detokenize, options.stop, cancel, usage, started)
+        yield from text_events(source, self.model.detokenize, options.stop, cancel, usage, started)
 
     def _sequential_tokens(
         self,
@@ -387,32 +320,6 @@ class LlamaCppEngine:
             # Whatever ended this reader (a stop string, a closed iterator), free the slot.
             job.abandoned.set()
 
-    def _sampler(self, options: SamplingOptions, grammar: LlamaGrammar | None, seed: int) -> LlamaSampler:
-        """The chain `Llama.generate` builds, so NUM_PARALLEL does not change what is sampled."""
-        sampler = LlamaSampler()
-        sampler.add_penalties(
-            n_vocab=self.model.n_vocab(),
-            penalty_last_n=PENALTY_LAST_N,
-            penalty_repeat=options.repeat_penalty,
-            penalty_freq=options.frequency_penalty,
-            penalty_present=options.presence_penalty,
-        )
-        if grammar is not None:
-            sampler.add_grammar(self.model, grammar)
-        temperature = options.temperature
-        if temperature < 0.0:
-            sampler.add_dist(seed)
-        elif temperature == 0.0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(options.top_k or 0)
-            sampler.add_typical(1.0, 1)
-            sampler.add_top_p(options.top_p, 1)
-            sampler.add_min_p(options.min_p, 1)
-            sampler.add_temp(temperature)
-            sampler.add_dist(seed)
-        return sampler
-
     def embed(self, request: EmbedRequest) -> EmbedResult:
         # Requests may run side by side in parallel mode; the embedding context is one.
         with self._embed_lock:
@@ -452,70 +359,3 @@ class LlamaCppEngine:
             self.model.close()
         if self._embedder is not None:
             self._embedder.close()
-
-
-def _no_tokens() -> Generator[int, None, str]:
-    return "length"
-    yield  # pragma: no cover - makes this a generator
-
-
-def _text_events(
-    source: Generator[int, None, str],
-    detokenize: Callable[[list[int]], bytes],
-    stop: list[str] | None,
-    cancel: threading.Event,
-    usage: Usage,
-    started: float,
-) -> Iterator[TokenEvent | DoneEvent]:
-    """Turn sampled tokens into text events, whichever path sampled them. The source
-    returns its finish reason (and fills in `usage.cached_tokens`); a cancel or a stop string
-    ends it early."""
-    assembler = TextAssembler(stop)
-    generated = 0
-    first_token_at: float | None = None
-    finish = "length"
-    try:
-        while True:
-            try:
-                token = next(source)
-            except StopIteration as end:
-                finish = end.value
-                break
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if cancel.is_set():
-                finish = "cancelled"
-                break
-            generated += 1
-            piece = assembler.feed(detokenize([token]))
-            if piece:
-                yield TokenEvent(piece)
-            if assembler.stopped:
-                finish = "stop"
-                break
-    finally:
-        source.close()
-    yield from _finish(assembler, finish, usage, generated, started, first_token_at)
-
-
-def _finish(
-    assembler: TextAssembler,
-    finish: str,
-    usage: Usage,
-    generated: int,
-    started: float,
-    first_token_at: float | None,
-) -> Iterator[TokenEvent | DoneEvent]:
-    """The held-back tail of the text, then the DoneEvent with the request's usage."""
-    tail = assembler.flush()
-    if tail:
-        yield TokenEvent(tail)
-    ended = time.perf_counter()
-    first_token_at = first_token_at or ended
-    usage = replace(
-        usage,
-        completion_tokens=generated,
-        prompt_ms=(first_token_at - started) * 1000,
-        generate_ms=(ended - first_token_at) * 1000,
-    )
-    yield DoneEvent(finish_reason=finish, usage=usage)  # type: ignore[arg-type]
