@@ -91,13 +91,14 @@ class _Plan:
     def vision(self) -> _File | None:
         return self.files[1] if self.vision_key else None
 
-    def current(self) -> _File | None:
-        """The file being downloaded or verified; None once all are (installing)."""
-        return next((f for f in self.files if f.watch.phase != "done"), None)
+    def current(self) -> int:
+        """The index of the file being downloaded or verified; len(files) once all are (installing)."""
+        return next((i for i, f in enumerate(self.files) if f.watch.phase != "done"), len(self.files))
 
-    def progress(self, status: str, model_name: str | None = None) -> PullProgress:
-        now = self.current() or self.files[-1]
-        shown = self.files[0] if status in ("pulling manifest", "success") else now
+    def progress(self, status: str, model_name: str | None = None, index: int | None = None) -> PullProgress:
+        if index is None:
+            index = 0 if status in ("pulling manifest", "success") else min(self.current(), len(self.files) - 1)
+        shown = self.files[index]
         return PullProgress(
             status,
             shown.remote.filename,
@@ -305,10 +306,14 @@ async def pull_model(store: ModelStore, spec: PullSpec) -> AsyncIterator[PullPro
     future.add_done_callback(finished)
     try:
         last = ("downloading", plan.completed, plan.names[0])
+        named = 0  # files[: named + 1] were named by a "downloading" event (the model by the first)
         while True:
             now = plan.current()
-            downloading = now is not None and now.watch.phase == "downloading"
+            for skipped in range(named + 1, now):  # done between two looks: each file is named once
+                yield plan.progress("downloading", index=skipped)
+            downloading = now < len(plan.files) and plan.files[now].watch.phase == "downloading"
             status = "downloading" if downloading else "verifying sha256 digest"
+            named = max(named, now if downloading else now - 1)
             event = plan.progress(status)
             if (status, event.completed, event.filename) != last:
                 last = (status, event.completed, event.filename)

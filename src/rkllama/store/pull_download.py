@@ -107,7 +107,14 @@ def download(remote: RemoteFile, part: Path, watch: Watch) -> None:
         resume = 0
     watch.completed = resume
     if resume == 0 or resume < remote.size:  # else complete already: a pull cut off in a later file kept it
-        _append(remote, part, resume, watch)
+        try:
+            _append(remote, part, resume, watch)
+        except OSError as exc:
+            # A bare OSError without errno is huggingface_hub's "consistency check" (more or fewer
+            # bytes than the hub said), not the disk: said as the size mismatch it is.
+            if type(exc) is OSError and exc.errno is None:
+                verify(part, remote)
+            raise
     watch.phase = "verifying"
     verify(part, remote)
     watch.phase = "done"
