@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 from conftest import RkllamaServer, make_models_dir
+from hub_emulator import HubEmulator
 from rkllama.store.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+from test_pull import hub_env
 from vision_support import TinyProjector, write_tiny_mmproj
 
 VISION = "SmolVision"
@@ -287,3 +289,24 @@ def test_request_with_images_to_a_model_without_vision_loads_nothing(vision_serv
         response = http.post("/api/generate", json={"model": DEFAULT_MODEL_NAME, "prompt": "x", "images": [b64(RED)]})
         assert response.status_code == 400
         assert DEFAULT_MODEL_NAME not in [m["name"] for m in http.get("/api/ps").json()["models"]]
+
+
+# --- from a pull to an answer about a picture ----------------------------------------------
+def test_pulled_vision_model_answers_about_a_picture(start_server, tmp_path: Path) -> None:
+    models = make_models_dir(tmp_path / "models")
+    weights = (models / DEFAULT_MODEL_NAME / DEFAULT_MODEL_FILE).read_bytes()
+    projector = write_tiny_mmproj(tmp_path / "mmproj-SmolVLM-tiny-F16.gguf")
+    with HubEmulator() as hub:
+        hub.add_file("test-user/SmolVLM-tiny-GGUF", "SmolVLM-tiny-Q4_1.gguf", weights)
+        hub.add_file("test-user/SmolVLM-tiny-GGUF", projector.path.name, projector.path.read_bytes())
+        server = start_server(models_dir=models, env=hub_env(hub.url, tmp_path / "hf-home"))
+        client = ollama.Client(host=server.base_url)
+        done = list(client.pull("hf/test-user/SmolVLM-tiny-GGUF/SmolVLM-tiny-Q4_1.gguf", stream=True))[-1]
+        assert done.status == "success"
+    assert "vision" in client.show("SmolVLM-tiny-Q4_1").capabilities
+    reply = client.chat(
+        model="SmolVLM-tiny-Q4_1",
+        messages=[{"role": "user", "content": "What is in the picture?", "images": [RED]}],
+        options=GREEDY,
+    )
+    assert reply.message.content and reply.prompt_eval_count > projector.tokens_per_image
