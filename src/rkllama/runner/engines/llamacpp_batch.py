@@ -31,6 +31,7 @@ import llama_cpp
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler
 
 from .llamacpp_images import PromptImages, is_image_token
+from .llamacpp_slots import common_prefix, slot_score
 from .llamacpp_vision import Projector, causal_off, image_batches
 
 log = logging.getLogger(__name__)
@@ -90,33 +91,6 @@ def _text_run(pending: list[int], chunk: int) -> list[int]:
         if is_image_token(token):
             return take[:i]
     return take
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def slot_score(cached: list[int], prompt: list[int], age: int) -> tuple[int, float]:
-    """How good a free slot is for a prompt (higher is better); `age` counts the slot events
-    (jobs started or ended) since the slot was last used.
-
-    A slot whose cache the prompt mostly continues (it reuses more tokens than it throws away:
-    a follow-up turn) wins, the most reused first. Otherwise the prompt takes the slot whose
-    cache is worth least: empty first, then the fewest tokens thrown away per unit of age. So
-    a short side task (a title, tags, follow-up suggestions) takes an empty or short slot and a
-    long conversation's cache survives it, while of two long caches the staler one goes.
-    (llama-server takes the best prefix match above a similarity, else the least recently used
-    slot, which evicts a conversation whenever side tasks ended after it.)"""
-    reused = common_prefix(cached, prompt)
-    thrown = len(cached) - reused
-    if reused > thrown:
-        return (1, float(reused))
-    return (0, -thrown / (1 + age))
 
 
 class BatchDecoder:
