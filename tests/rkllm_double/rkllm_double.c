@@ -9,6 +9,12 @@
  * keep_history is set, and reports perf stats (1.2.1+). In RKLLM_INFER_GET_LAST_HIDDEN_LAYER mode
  * it returns deterministic hidden states derived from the input.
  *
+ * RKLLM_INPUT_MULTIMODAL: it logs what it got ("multimodal ..." : the prompt, the image markers of
+ * this ABI, image counts and sizes, and the sum of the embedding floats, read as
+ * n_image x n_image_tokens x RKLLM_DOUBLE_EMBED_DIM values), then answers
+ * "images=<n> image_tokens=<total>" followed by the prompt's words with each "<image>" taken out.
+ * Its prefill count is the prompt's words plus the image tokens, as a real runtime counts them.
+ *
  * Environment:
  *   RKLLM_DOUBLE_LOG=path        append one line per call (init, run, abort, clear_kv_cache, ...)
  *   RKLLM_DOUBLE_FAIL=init|run|crash
@@ -19,6 +25,9 @@
  *   RKLLM_DOUBLE_DELAY_MS=n      sleep n ms before each word
  *   RKLLM_DOUBLE_INIT_GATE=path  rkllm_init waits until this file exists (a load as slow as
  *                                the test wants, ended by the test, not by a clock)
+ *   RKLLM_DOUBLE_EMBED_DIM=n     width of one image token's embedding (default 16)
+ *   RKLLM_DOUBLE_ABORT_ERROR=1   a run ended by rkllm_abort reports RKLLM_RUN_ERROR instead of
+ *                                RKLLM_RUN_FINISH (rkllm.h does not say which one a runtime sends)
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdarg.h>
@@ -68,6 +77,7 @@ typedef struct {
     volatile int abort_requested;
     volatile int running;
     int cache_len; /* "KV cache": units (words or tokens) kept from earlier runs */
+    char img_start[128], img_end[128], img_content[128]; /* RKLLMParam's markers (before 1.3) */
 } DoubleModel;
 
 static void log_line(const char *fmt, ...) {
@@ -139,7 +149,8 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback) {
 #else
 int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback) {
 #endif
-    printf("I rkllm: test double of the rkllm runtime (%s)\n", VERSION_FOR_LOG);
+    /* The runtime's own first line, in the format its users report (rknn-llm issues #129, #235). */
+    printf("I rkllm: rkllm-runtime version: %s, rknpu driver version: 0.9.8, platform: RK3588\n", VERSION_FOR_LOG);
     fflush(stdout);
     wait_for_gate();
     if (!handle || !param || !param->model_path || !callback) return -1;
@@ -182,6 +193,14 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
 #if RKLLM_ABI >= 121
     log_line("init_batch n_batch=%d", param->extend_param.n_batch);
 #endif
+#if RKLLM_ABI < 130
+    log_line("init_image img_start=[%s] img_end=[%s] img_content=[%s]", safe(param->img_start), safe(param->img_end),
+             safe(param->img_content));
+    /* Copies: the caller's strings need not outlive rkllm_init. */
+    snprintf(m->img_start, sizeof m->img_start, "%s", safe(param->img_start));
+    snprintf(m->img_end, sizeof m->img_end, "%s", safe(param->img_end));
+    snprintf(m->img_content, sizeof m->img_content, "%s", safe(param->img_content));
+#endif
     *handle = m;
     return 0;
 }
@@ -212,12 +231,67 @@ static void emit(DoubleModel *m, RKLLMResult *result, void *userdata, LLMCallSta
     m->callback(result, userdata, state);
 }
 
+#define IMAGE_MARKER "<image>"
+static char stripped[65536]; /* a multimodal prompt without its image markers */
+
+/* Log what a multimodal input holds and put its answer's first words in `words`; returns the
+ * number of words written and sets *image_tokens to the image tokens it holds. */
+static int multimodal_words(DoubleModel *m, RKLLMMultiModalInput *mm, char words[][MAX_WORD], int *image_tokens) {
+    int markers = 0;
+    size_t at = 0;
+    for (const char *p = mm->prompt ? mm->prompt : ""; *p && at + 1 < sizeof stripped;) {
+        if (strncmp(p, IMAGE_MARKER, strlen(IMAGE_MARKER)) == 0) {
+            markers++;
+            p += strlen(IMAGE_MARKER);
+        } else {
+            stripped[at++] = *p++;
+        }
+    }
+    stripped[at] = '\0';
+#if RKLLM_ABI >= 130
+    const float *embed = mm->image.image_embed;
+    size_t per_image = mm->image.n_image_tokens, n_image = mm->image.n_image;
+    size_t width = mm->image.image_width, height = mm->image.image_height;
+    const char *start = safe(mm->image.image_start), *end = safe(mm->image.image_end);
+    const char *content = safe(mm->image.image_content);
+    (void)m;
+#elif RKLLM_ABI >= 121
+    const float *embed = mm->image_embed;
+    size_t per_image = mm->n_image_tokens, n_image = mm->n_image;
+    size_t width = mm->image_width, height = mm->image_height;
+    const char *start = m->img_start, *end = m->img_end, *content = m->img_content;
+#else
+    /* No image count before 1.2.1: n_image_tokens covers the whole input. */
+    const float *embed = mm->image_embed;
+    size_t per_image = mm->n_image_tokens, n_image = 1, width = 0, height = 0;
+    const char *start = m->img_start, *end = m->img_end, *content = m->img_content;
+#endif
+    const char *dim_env = getenv("RKLLM_DOUBLE_EMBED_DIM");
+    size_t dim = dim_env && atoi(dim_env) > 0 ? (size_t)atoi(dim_env) : 16;
+    size_t floats = n_image * per_image * dim;
+    double sum = 0;
+    for (size_t i = 0; embed && i < floats; i++) sum += embed[i];
+    *image_tokens = (int)(n_image * per_image);
+    log_line("multimodal prompt=[%s] markers=%d n_image=%zu n_image_tokens=%zu image_width=%zu image_height=%zu "
+             "image_start=[%s] image_end=[%s] image_content=[%s] embed_sum=%.4f",
+             safe(mm->prompt), markers, n_image, per_image, width, height, start, end, content, sum);
+    snprintf(words[0], MAX_WORD, "images=%zu", n_image);
+    snprintf(words[1], MAX_WORD, "image_tokens=%d", *image_tokens);
+    return 2;
+}
+
 /* Split the input into the words the double will echo. */
-static int input_words(RKLLMInput *input, char words[][MAX_WORD], const char **text) {
+static int input_words(DoubleModel *m, RKLLMInput *input, char words[][MAX_WORD], const char **text,
+                       int *image_tokens) {
     int n = 0;
     *text = NULL;
+    *image_tokens = 0;
     if (input->input_type == RKLLM_INPUT_PROMPT || input->input_type == RKLLM_INPUT_MULTIMODAL) {
-        const char *p = input->input_type == RKLLM_INPUT_PROMPT ? input->prompt_input : input->multimodal_input.prompt;
+        const char *p = input->prompt_input;
+        if (input->input_type == RKLLM_INPUT_MULTIMODAL) {
+            n = multimodal_words(m, &input->multimodal_input, words, image_tokens);
+            p = stripped;
+        }
         *text = p;
         while (p && *p && n < MAX_WORDS) {
             while (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') p++;
@@ -281,7 +355,10 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
 #endif
     static char words[MAX_WORDS][MAX_WORD];
     const char *text;
-    int n = input_words(input, words, &text);
+    int image_tokens;
+    int n = input_words(m, input, words, &text, &image_tokens);
+    /* The answer's image words were not in the prompt: the prompt is its other words plus the images. */
+    int prompt_units = input->input_type == RKLLM_INPUT_MULTIMODAL ? n - 2 + image_tokens : n;
     int keep_history = 0;
 #if RKLLM_ABI >= 120
     keep_history = infer->keep_history;
@@ -302,7 +379,7 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
     thinking = input->enable_thinking;
 #endif
     log_line("run input_type=%d role=%s enable_thinking=%d keep_history=%d cache_before=%d units=%d limit=%d",
-             input->input_type, role, thinking, keep_history, m->cache_len, n, limit);
+             input->input_type, role, thinking, keep_history, m->cache_len, prompt_units, limit);
     if (infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER) return hidden_layer_run(m, words, n, userdata);
     m->running = 1;
     double started = now_ms();
@@ -346,13 +423,20 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
         }
     }
     int aborted = m->abort_requested;
-    m->cache_len += n + generated;
+    const char *abort_error = getenv("RKLLM_DOUBLE_ABORT_ERROR");
+    if (aborted && status == 0 && abort_error && strcmp(abort_error, "1") == 0) {
+        log_line("run error after abort");
+        memset(&result, 0, sizeof result);
+        emit(m, &result, userdata, RKLLM_RUN_ERROR);
+        status = 1; /* reported, and no FINISH follows */
+    }
+    m->cache_len += prompt_units + generated;
     if (status == 0) {
         memset(&result, 0, sizeof result);
         result.token_id = -1;
 #if RKLLM_ABI >= 121
         double ended = now_ms();
-        result.perf.prefill_tokens = n;
+        result.perf.prefill_tokens = prompt_units;
         result.perf.prefill_time_ms = (float)(first_token - started);
         result.perf.generate_tokens = generated;
         result.perf.generate_time_ms = (float)(ended - first_token);

@@ -15,13 +15,11 @@ clean cache every time, because what the runtime keeps of its own reply is not k
 from __future__ import annotations
 
 import ctypes
-import json
-import math
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,6 @@ from ...store.modelfile import Modelfile
 from ...types import (
     ChatMessage,
     DoneEvent,
-    EmbedRequest,
-    EmbedResult,
     FinishReason,
     GenerateRequest,
     ModelInfo,
@@ -39,12 +35,9 @@ from ...types import (
     Usage,
 )
 from .base import EngineError, EngineRuntimeError, LoadSpec
-from .prompt_fit import FittedPrompt, cut_front, fit_chat, reply_room
+from .prompt_fit import FittedPrompt
 from .rkllm_abi import (
     RKLLM_INFER_GENERATE,
-    RKLLM_INFER_GET_LAST_HIDDEN_LAYER,
-    RKLLM_INPUT_PROMPT,
-    RKLLM_INPUT_TOKEN,
     RKLLM_RUN_ERROR,
     RKLLM_RUN_FINISH,
     RKLLM_RUN_GET_LAST_HIDDEN_LAYER,
@@ -53,30 +46,19 @@ from .rkllm_abi import (
     LLMHandle,
     build_abi,
 )
+from .rkllm_conversation import ConversationMixin, PreparedInput
+from .rkllm_embed import EmbedMixin, last_token_vector
 from .rkllm_library import detect_platform, load_library
+from .rkllm_multimodal import fill_image_markers
 from .rkllm_params import fill_init_param, init_settings, run_sampling
-from .rkllm_prompt import ModelTokenizer, flatten_messages, load_tokenizer, same_messages
+from .rkllm_prompt import ModelTokenizer, load_tokenizer
+from .rkllm_vision import ImageEncoder
 from .textstream import TextAssembler
 
 # While waiting for the runtime, how often to look at the cancel flag (seconds), and how
 # often to repeat rkllm_abort if the run has not ended yet.
 POLL_SECONDS = 0.05
-# Marks tool results in the runtime's template (as in Rockchip's server demo).
-TOOL_RESPONSE_TAG = "tool_response"
 ABORT_REPEAT_SECONDS = 1.0
-
-
-@dataclass
-class _PreparedInput:
-    """One rkllm_run: the input struct and the buffers it points into (kept alive)."""
-
-    struct: Any
-    keep_history: bool
-    clear_first: bool
-    prompt_tokens: int | None  # known for token input
-    messages: list[ChatMessage] | None  # the conversation, when the runtime keeps it
-    buffers: list[Any] = field(default_factory=list)
-    fitted: FittedPrompt | None = None  # how the prompt was fitted (token input only)
 
 
 @dataclass
@@ -88,19 +70,7 @@ class _RunOutcome:
     first_token_at: float | None = None
 
 
-def _last_token_vector(result: Any) -> tuple[list[float], int]:
-    """Copy the last token's row out of the runtime's hidden-state buffer (valid only
-    during the callback)."""
-    if not result:
-        return [], 0
-    layer = result.contents.last_hidden_layer
-    if not layer.hidden_states or layer.embd_size <= 0 or layer.num_tokens <= 0:
-        return [], 0
-    start = (layer.num_tokens - 1) * layer.embd_size
-    return list(layer.hidden_states[start : start + layer.embd_size]), layer.num_tokens
-
-
-class RkllmEngine:
+class RkllmEngine(ConversationMixin, EmbedMixin):
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
         self.modelfile = Modelfile(spec.modelfile)
@@ -117,9 +87,16 @@ class RkllmEngine:
         self.lib = self.library.lib
         self.settings = init_settings(spec, self.platform)
         self.tokenizer = self._load_tokenizer()
+        # The .rknn encoder loads first: before 1.3 its markers are init-time settings.
+        self.vision = ImageEncoder(spec.vision_path, self.modelfile) if spec.vision_path else None
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._handle = LLMHandle()
-        self._init_runtime()
+        try:
+            self._init_runtime()
+        except BaseException:
+            if self.vision is not None:
+                self.vision.close()
+            raise
         self._conversation: list[ChatMessage] | None = None  # what the runtime's KV cache holds
         self._tools: str | None = None  # the tools last given to rkllm_set_function_tools
         self._cache_dirty = False
@@ -134,11 +111,22 @@ class RkllmEngine:
                 "rkllm.library": self.library.path,
                 "rkllm.platform": self.platform,
                 "rkllm.prompt": "tokenizer" if self.tokenizer else "runtime template",
+                **(self._vision_metadata() if self.vision else {}),
             },
             threads=self.settings.enabled_cpus_num,
         )
 
     # --- loading --------------------------------------------------------------------
+    def _vision_metadata(self) -> dict[str, Any]:
+        assert self.vision is not None
+        return {
+            "rkllm.vision_encoder": Path(self.vision.path).name,
+            "rknn.runtime_version": self.vision.version,
+            "rknn.library": self.vision.model.library_path,
+            "rkllm.image_size": f"{self.vision.width}x{self.vision.height}",
+            "rkllm.image_tokens": self.vision.n_tokens,
+        }
+
     def _load_tokenizer(self) -> ModelTokenizer | None:
         folder = Path(self.spec.path).parent
         # A folder model is named after its folder; a flat file's parent is the models dir.
@@ -149,6 +137,8 @@ class RkllmEngine:
     def _init_runtime(self) -> None:
         param = self.lib.rkllm_createDefaultParam()
         fill_init_param(self.abi, param, self.spec.path, self.settings)
+        if self.vision is not None:
+            fill_image_markers(self.abi, param, self.vision.markers)
         self._param = param  # the runtime may keep pointers into it
         self._callback = self.abi.ResultCallback(self._on_result)
         if self.abi.Callback is not None:
@@ -174,7 +164,7 @@ class RkllmEngine:
     def _on_result(self, result: Any, _userdata: Any, state: int) -> int | None:
         try:
             if self._capture_hidden and state in (RKLLM_RUN_NORMAL, RKLLM_RUN_GET_LAST_HIDDEN_LAYER):
-                self._events.put(("hidden", *_last_token_vector(result)))
+                self._events.put(("hidden", *last_token_vector(result)))
             elif state == RKLLM_RUN_NORMAL:
                 text = result.contents.text if result else None
                 self._events.put(("token", ctypes.string_at(text) if text else b""))
@@ -194,106 +184,7 @@ class RkllmEngine:
             self._events.put(("internal", repr(exc)))
         return 0 if self.abi.has_perf else None
 
-    # --- prompts and the KV cache -----------------------------------------------------
-    def _messages(self, request: GenerateRequest) -> list[ChatMessage]:
-        messages = list(request.messages or [])
-        system = self.modelfile.get("SYSTEM")
-        if system and not any(m.role == "system" for m in messages):
-            messages.insert(0, ChatMessage(role="system", content=system))
-        return messages
-
-    def _enable_thinking(self, request: GenerateRequest) -> bool | None:
-        if request.enable_thinking is not None:
-            return request.enable_thinking
-        return self.modelfile.get_bool("ENABLE_THINKING")
-
-    def _continues_conversation(self, messages: list[ChatMessage], tools: str | None) -> bool:
-        previous = self._conversation
-        if previous is None or not self.abi.has_keep_history or len(messages) != len(previous) + 1:
-            return False
-        if tools != self._tools:
-            return False
-        allowed = ("user", "tool") if self.abi.has_perf else ("user",)
-        return messages[-1].role in allowed and same_messages(messages[:-1], previous)
-
-    def _prepare(self, request: GenerateRequest) -> _PreparedInput:
-        rk_input = self.abi.Input()
-        thinking = self._enable_thinking(request)
-        if self.abi.has_perf:
-            rk_input.role = b"user"
-            rk_input.enable_thinking = bool(thinking)
-        if self.tokenizer is not None:
-            fitted = self._fit_prompt(request, thinking)
-            tokens = fitted.tokens
-            if not tokens:
-                raise EngineError("The prompt is empty.")
-            array = (ctypes.c_int32 * len(tokens))(*tokens)
-            rk_input.input_type = RKLLM_INPUT_TOKEN
-            rk_input.token_input.input_ids = array
-            rk_input.token_input.n_tokens = len(tokens)
-            return _PreparedInput(rk_input, False, self._cache_dirty, len(tokens), None, [array], fitted)
-
-        if request.messages is None:
-            prepared = _PreparedInput(rk_input, False, self._cache_dirty, None, None)
-            text = request.prompt or ""
-        else:
-            messages = self._messages(request)
-            if not messages:
-                raise EngineError("The conversation is empty.")
-            keep = self.abi.has_keep_history
-            tools = json.dumps(request.tools, ensure_ascii=False) if request.tools else None
-            if self._continues_conversation(messages, tools):
-                prepared = _PreparedInput(rk_input, True, False, None, messages)
-                text = messages[-1].content
-                if self.abi.has_perf:
-                    rk_input.role = messages[-1].role.encode()
-            else:
-                conversation = messages
-                messages = self._set_function_tools(messages, tools)
-                prepared = _PreparedInput(rk_input, keep, self._cache_dirty, None, conversation if keep else None)
-                text = flatten_messages(messages)
-        encoded = ctypes.create_string_buffer(text.encode("utf-8"))
-        rk_input.input_type = RKLLM_INPUT_PROMPT
-        rk_input.prompt_input = ctypes.cast(encoded, ctypes.c_char_p)
-        prepared.buffers.append(encoded)
-        return prepared
-
-    def _fit_prompt(self, request: GenerateRequest, thinking: bool | None) -> FittedPrompt:
-        """The same fitting as llama.cpp's (prompt_fit.py): possible only with the tokenizer files.
-        Without them the runtime's own template sees the text, and a prompt too long is its error."""
-        assert self.tokenizer is not None
-        tokenizer = self.tokenizer
-        context = min(self.settings.max_context_len, request.num_ctx or self.settings.max_context_len)
-        reserve = reply_room(context, request.options.max_tokens)
-        if request.messages is None:
-            tokens = tokenizer.encode(request.prompt or "")
-            return cut_front(tokens, context, reserve, truncate=request.truncate, keep=0)
-        return fit_chat(
-            self._messages(request),
-            lambda messages, tools: tokenizer.render(messages, tools, thinking),
-            tokenizer.encode,
-            context=context,
-            reserve=reserve,
-            truncate=request.truncate,
-            tools=request.tools,
-            keep=0,
-        )
-
-    def _set_function_tools(self, messages: list[ChatMessage], tools: str | None) -> list[ChatMessage]:
-        """Give the runtime's template the tools (1.2.1+), with the system prompt they go with;
-        returns the messages left for the prompt."""
-        if not self.abi.has_perf or tools == self._tools:
-            return messages
-        system = "\n".join(m.content for m in messages if m.role == "system")
-        code = self.lib.rkllm_set_function_tools(
-            self._handle, system.encode(), (tools or "").encode(), TOOL_RESPONSE_TAG.encode()
-        )
-        if code != 0 and tools is not None:
-            raise EngineError(f"The rkllm runtime refused the tools (rkllm_set_function_tools returned {code}).")
-        self._tools = tools
-        self._cache_dirty = True  # a new system prompt: what is cached no longer applies
-        return [m for m in messages if m.role != "system"] if tools is not None else messages
-
+    # --- the KV cache ---------------------------------------------------------------
     def _clear_kv_cache(self) -> None:
         if not self.abi.has_keep_history:
             return
@@ -411,7 +302,7 @@ class RkllmEngine:
             self._conversation = [*prepared.messages, ChatMessage(role="assistant", content="".join(reply))]
         yield DoneEvent(finish_reason=finish, usage=self._usage(prepared, outcome, started))
 
-    def _run(self, prepared: _PreparedInput, infer: Any, keep_alive: list[Any]) -> None:
+    def _run(self, prepared: PreparedInput, infer: Any, keep_alive: list[Any]) -> None:
         try:
             code = self.lib.rkllm_run(self._handle, ctypes.byref(prepared.struct), ctypes.byref(infer), None)
         except Exception:  # ctypes argument errors: report as a failed run
@@ -428,7 +319,7 @@ class RkllmEngine:
             return "stop"
         return "length" if outcome.completion_tokens >= limit else "stop"
 
-    def _usage(self, prepared: _PreparedInput, outcome: _RunOutcome, started: float) -> Usage:
+    def _usage(self, prepared: PreparedInput, outcome: _RunOutcome, started: float) -> Usage:
         fitted = prepared.fitted or FittedPrompt([])
         trimmed = {"dropped_messages": fitted.dropped_messages, "truncated_tokens": fitted.truncated_tokens}
         if outcome.perf is not None:
@@ -444,75 +335,12 @@ class RkllmEngine:
         ended = time.perf_counter()
         first = outcome.first_token_at or ended
         return Usage(
-            prompt_tokens=prepared.prompt_tokens or 0,
+            prompt_tokens=(prepared.prompt_tokens or 0) + prepared.image_tokens,
             completion_tokens=outcome.completion_tokens,
             prompt_ms=(first - started) * 1000,
             generate_ms=(ended - first) * 1000,
             **trimmed,
         )
-
-    def embed(self, request: EmbedRequest) -> EmbedResult:
-        """The last token's hidden state (RKLLM_INFER_GET_LAST_HIDDEN_LAYER), L2-normalised,
-        one input at a time from a clean KV cache."""
-        vectors: list[list[float]] = []
-        prompt_tokens = 0
-        for text in request.inputs:
-            vector, tokens = self._hidden_state(text, request.truncate)
-            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-            vectors.append([v / norm for v in vector])
-            prompt_tokens += tokens
-        return EmbedResult(embeddings=vectors, prompt_tokens=prompt_tokens)
-
-    def _hidden_state(self, text: str, truncate: bool) -> tuple[list[float], int]:
-        rk_input = self.abi.Input()
-        buffers: list[Any] = []
-        if self.abi.has_perf:
-            rk_input.role = b"user"
-        if self.tokenizer is not None:
-            tokens = self.tokenizer.encode(text)
-            room = self.settings.max_context_len - 1
-            if len(tokens) > room:
-                if not truncate:
-                    raise EngineError(
-                        f"An input is {len(tokens)} tokens, longer than the context, and truncate is false."
-                    )
-                tokens = tokens[:room]
-            array = (ctypes.c_int32 * max(1, len(tokens)))(*tokens)
-            buffers.append(array)
-            rk_input.input_type = RKLLM_INPUT_TOKEN
-            rk_input.token_input.input_ids = array
-            rk_input.token_input.n_tokens = len(tokens)
-        else:
-            encoded = ctypes.create_string_buffer(text.encode("utf-8"))
-            buffers.append(encoded)
-            rk_input.input_type = RKLLM_INPUT_PROMPT
-            rk_input.prompt_input = ctypes.cast(encoded, ctypes.c_char_p)
-        infer = self.abi.InferParam()
-        infer.mode = RKLLM_INFER_GET_LAST_HIDDEN_LAYER
-        if self._cache_dirty:
-            self._clear_kv_cache()
-        self._conversation = None
-        while not self._events.empty():
-            self._events.get_nowait()
-        self._capture_hidden = True
-        try:
-            code = self.lib.rkllm_run(self._handle, ctypes.byref(rk_input), ctypes.byref(infer), None)
-        finally:
-            self._capture_hidden = False
-        hidden: tuple[list[float], int] | None = None
-        failed = code != 0
-        while not self._events.empty():
-            event = self._events.get_nowait()
-            if event[0] == "hidden" and event[1]:
-                hidden = (event[1], event[2])
-            elif event[0] in ("error", "internal"):
-                failed = True
-        if failed or hidden is None:
-            raise EngineError(
-                f"The rkllm runtime returned no hidden state for the input (rkllm_run returned {code}); "
-                "this model or runtime may not support embeddings."
-            )
-        return hidden
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -525,3 +353,5 @@ class RkllmEngine:
         if self._handle.value:
             self.lib.rkllm_destroy(self._handle)
             self._handle = LLMHandle()
+        if self.vision is not None:
+            self.vision.close()

@@ -16,6 +16,8 @@ from .base import EngineError
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # newer Hugging Face repos keep the template here
+# Where an image goes in a multimodal prompt (as in Rockchip's demos); the runtime expands it.
+IMAGE_MARKER = "<image>"
 
 
 def _token_text(value: Any) -> str:
@@ -84,16 +86,24 @@ def load_tokenizer(folder: Path) -> ModelTokenizer | None:
     )
 
 
+def with_markers(message: ChatMessage) -> str:
+    """The message's text after one image marker per image (its images go before its text)."""
+    return IMAGE_MARKER * len(message.images or []) + message.content
+
+
 def flatten_messages(messages: list[ChatMessage]) -> str:
     """One prompt for the runtime's template, which wraps a single user turn: earlier turns
     are written out as "role: content" lines above the last message."""
     if not messages:
         return ""
     *history, last = messages
-    lines = [f"{m.role}: {m.content}" for m in history]
-    lines.append(last.content if last.role in ("user", "tool") else f"{last.role}: {last.content}")
+    lines = [f"{m.role}: {with_markers(m)}" for m in history]
+    lines.append(with_markers(last) if last.role in ("user", "tool") else f"{last.role}: {with_markers(last)}")
     return "\n".join(lines)
 
 
 def same_messages(a: list[ChatMessage], b: list[ChatMessage]) -> bool:
-    return len(a) == len(b) and all(x.role == y.role and x.content == y.content for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        x.role == y.role and x.content == y.content and (x.images or []) == (y.images or [])
+        for x, y in zip(a, b, strict=True)
+    )
