@@ -67,6 +67,17 @@ def test_layouts_differ_where_the_releases_changed() -> None:
     assert build_abi("1.1").Callback is None and build_abi("1.3").Callback is not None
 
 
+def test_multimodal_input_changed_in_1_2_1_and_1_3() -> None:
+    # 1.1/1.2.0: prompt, image_embed, n_image_tokens; 1.2.1 adds n_image, image_width/height;
+    # 1.3 nests them (with the markers) in `image` and adds `video`. The union grows with it.
+    sizes = {abi: ctypes.sizeof(build_abi(abi).MultiModalInput) for abi in ABI_VERSIONS}
+    assert sizes == {"1.1": 24, "1.2.0": 24, "1.2": 48, "1.3": 144}
+    assert build_abi("1.3").MultiModalInput.video.offset == 8 + 64
+    # Before 1.3 the image markers are RKLLMParam fields; 1.3 dropped them.
+    assert all(hasattr(build_abi(abi).Param, "img_start") for abi in ("1.1", "1.2.0", "1.2"))
+    assert not hasattr(build_abi("1.3").Param, "img_start")
+
+
 @pytest.mark.parametrize("abi", ABI_VERSIONS)
 def test_double_exports_every_function_of_its_abi(abi: str, rkllm_doubles: dict[str, Path]) -> None:
     lib = ctypes.CDLL(str(rkllm_doubles[abi]))

@@ -370,3 +370,24 @@ def test_with_tokenizer_files_a_long_history_drops_the_oldest_messages(rkllm_ser
         assert ids[:5] == [1, 3, 6, 7, 2] and ids[-6:] == [1, 4, 9, 2, 1, 5]
         refused = generate(client, [*history, {"role": "user", "content": "world"}], truncate=False)
         assert refused.status_code == 400 and "truncate is false" in refused.json()["error"]
+
+
+def test_an_error_callback_after_abort_still_ends_the_answer_normally(rkllm_server):
+    # rkllm.h does not say whether a run ended by rkllm_abort reports RKLLM_RUN_ERROR or FINISH;
+    # this double reports the error, and a stop string (which aborts the run) must still end well.
+    srv, log = rkllm_server(RKLLM_DOUBLE_ABORT_ERROR="1", RKLLM_DOUBLE_DELAY_MS="100")
+    words = "alpha beta gamma " + " ".join(f"w{i}" for i in range(40))  # the abort lands mid-run
+    with srv.client() as client:
+        stopped = generate(client, words, stop=["gam"])
+        assert content(stopped) == "alpha beta "
+        assert stopped.json()["choices"][0]["finish_reason"] == "stop"
+        assert "run error after abort" in wait_for_line(log, "run error after abort")
+        assert content(generate(client, "next one")) == "next one"
+
+
+def test_the_runtime_version_line_is_in_the_runner_log(rkllm_server):
+    srv, _ = rkllm_server()
+    with srv.client() as client:
+        assert content(generate(client, "hi")) == "hi"
+    # The runtime's own first line, in the format users of the real runtime report.
+    assert "rkllm-runtime version: 1.3.0, rknpu driver version: 0.9.8, platform: RK3588" in srv.log()
