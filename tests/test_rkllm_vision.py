@@ -24,6 +24,7 @@ from rkllama.runner.engines.rkllm_vision import PAD_GREY, ImageEncoder, fit_imag
 from rkllama.store.modelfile import Modelfile
 from rkllm_support import double_env, log_lines, rkllm_doubles
 from rknn_support import build_rknn_layout_program, rknn_double, write_fake_encoder
+from test_rkllm_server import _word_tokenizer
 
 __all__ = ["rkllm_doubles", "rknn_double"]  # fixtures, imported for pytest
 
@@ -178,7 +179,7 @@ VISION, PLAIN = "vis", "plain"
 def vision_server(start_server, tmp_path: Path, rkllm_doubles, rknn_double):
     """start(abi, modelfile_extra="") -> (server, rkllm log, fake encoder, rknn log)."""
 
-    def start(abi: str = "1.3", extra: str = "", **env: str):
+    def start(abi: str = "1.3", extra: str = "", tokenizer: bool = False, **env: str):
         models = tmp_path / "models"
         for name in (VISION, PLAIN):
             (models / name).mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,8 @@ def vision_server(start_server, tmp_path: Path, rkllm_doubles, rknn_double):
         fake = write_fake_encoder(models / VISION / "vision.rknn", tokens=4, embed=EMBED)
         (models / VISION / "Modelfile").write_text(f'FROM="{VISION}.rkllm"\nVISION_ENCODER="vision.rknn"\n{extra}')
         (models / PLAIN / "Modelfile").write_text(f'FROM="{PLAIN}.rkllm"\n')
+        if tokenizer:
+            _word_tokenizer(models / VISION)
         log, rknn_log = tmp_path / "rkllm.log", tmp_path / "rknn.log"
         full_env = double_env(
             rkllm_doubles[abi],
@@ -335,3 +338,17 @@ def test_show_lists_vision_only_for_the_model_with_an_encoder(vision_server) -> 
     client = ollama.Client(host=srv.base_url)
     assert "vision" in client.show(VISION).capabilities
     assert "vision" not in client.show(PLAIN).capabilities
+
+
+def test_with_tokenizer_files_an_image_request_uses_the_runtime_template(vision_server) -> None:
+    # RKLLM_INPUT_MULTIMODAL takes text, so a picture goes with the runtime's template; text alone
+    # is still rendered with the model's own chat template and sent as tokens.
+    srv, log, _, _ = vision_server("1.3", tokenizer=True)
+    client = ollama.Client(host=srv.base_url)
+    seen = client.chat(model=VISION, messages=[{"role": "user", "content": "hello", "images": [png(RED)]}])
+    assert seen.message.content == "images=1 image_tokens=4 hello"
+    assert multimodal_lines(log)[0]["prompt"] == "<image>hello"
+    text = client.chat(model=VISION, messages=[{"role": "user", "content": "hello world"}])
+    assert text.message.content == "1 4 8 9 2 1 5"  # the double echoes the template's token ids
+    runs = [line for line in log_lines(log) if line.startswith(("run ", "clear_kv_cache"))]
+    assert "input_type=3 " in runs[0] and runs[1].startswith("clear_kv_cache") and "input_type=1 " in runs[2]
