@@ -10,6 +10,10 @@ conversation (`keep_history`), so a request that only adds one user/tool turn to
 previous conversation and its reply is sent alone; any other request clears the cache
 first. With tokenizer files the whole rendered conversation is sent as tokens from a
 clean cache every time, because what the runtime keeps of its own reply is not known.
+How a request becomes an input is rkllm_conversation.py; embeddings are rkllm_embed.py.
+
+Images: a model whose folder names a `.rknn` encoder (VISION_ENCODER) loads it with
+rkllm_vision.py; an image request is sent as RKLLM_INPUT_MULTIMODAL (rkllm_multimodal.py).
 """
 
 from __future__ import annotations
