@@ -310,3 +310,18 @@ def test_pulled_vision_model_answers_about_a_picture(start_server, tmp_path: Pat
         options=GREEDY,
     )
     assert reply.message.content and reply.prompt_eval_count > projector.tokens_per_image
+
+
+def test_prompt_cut_inside_an_image_drops_the_rest_of_the_image(
+    ollama_client: ollama.Client, tiny: TinyProjector
+) -> None:
+    # num_ctx 32 with 4 tokens of reply leaves 28 for the prompt: the cut from the front goes
+    # through the system prompt (~20 tokens) into the image, whose rest must go too.
+    text = "Cut test: alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
+    reply = ollama_client.chat(
+        model=VISION,
+        messages=[{"role": "user", "content": text, "images": [png((77, 7, 177))]}],
+        options={"num_ctx": 32, "num_predict": 4, "temperature": 0},
+    )
+    assert reply.message.content
+    assert 28 - tiny.tokens_per_image < reply.prompt_eval_count < 28

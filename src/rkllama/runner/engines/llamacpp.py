@@ -193,18 +193,23 @@ class LlamaCppEngine:
     def _fit_prompt(
         self, request: GenerateRequest, context: int, reserve: int, images: PromptImages | None = None
     ) -> FittedPrompt:
-        """The prompt's tokens, fitted into `context` with `reserve` tokens left for the reply."""
+        """The prompt's tokens, fitted into `context` with `reserve` tokens left for the reply.
+        A prompt cut from the front never starts inside an image: the rest of a cut image goes too."""
+        fitted = self._fit_tokens(request, context, reserve, images)
+        keep = self._keep(fitted.tokens)
+        if images is None or not fitted.truncated_tokens:
+            return fitted
+        kept = drop_partial_images(fitted.tokens, keep)
+        return replace(fitted, tokens=kept, truncated_tokens=fitted.truncated_tokens + len(fitted.tokens) - len(kept))
+
+    def _fit_tokens(
+        self, request: GenerateRequest, context: int, reserve: int, images: PromptImages | None
+    ) -> FittedPrompt:
         tokenize = self._tokenizer(images)
         if request.messages is None:
             prompt = request.prompt or ""
             tokens = tokenize(images.raw_prompt(prompt) if images else prompt)
-            fitted = cut_front(tokens, context, reserve, truncate=request.truncate, keep=self._keep(tokens))
-            if images is not None:
-                kept = drop_partial_images(fitted.tokens, self._keep(tokens))
-                fitted = replace(
-                    fitted, tokens=kept, truncated_tokens=fitted.truncated_tokens + len(fitted.tokens) - len(kept)
-                )
-            return fitted
+            return cut_front(tokens, context, reserve, truncate=request.truncate, keep=self._keep(tokens))
 
         def render(messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> str:
             return render_chat(
