@@ -35,6 +35,8 @@ FIRST_QUESTION = "Why is the sky blue?"
 FOLLOW_UP = "Say it again in one short sentence."
 LONG_STORY = "Write a very long story about a dragon who learns to bake bread. Use many chapters."
 OPENAI_QUESTION = "Name three colours."
+PICTURE_QUESTION = "What is in this picture?"
+VISION_MODEL = "SmolVision:latest"
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Context:
     ollama_model: str
     openai_model: str
     answer_timeout: float
+    picture: Path | None = None
+    requests_log: Path | None = None
     results: list[tuple[str, bool, str]] = field(default_factory=list)
 
     def shot(self, name: str) -> None:
@@ -279,6 +283,47 @@ def step_openai(ctx: Context) -> str:
     return f"first: {first_note}; follow-up: {check_answer(ctx, second)}"
 
 
+def chat_requests_with_images(ctx: Context) -> list[dict]:
+    """The /api/chat requests Open WebUI sent with images, as the recording proxy logged them."""
+    assert ctx.requests_log is not None
+    entries = [json.loads(line) for line in ctx.requests_log.read_text().splitlines()]
+    return [
+        e
+        for e in entries
+        if e.get("event") == "request"
+        and e.get("path") == "/api/chat"
+        and isinstance(e.get("body"), dict)
+        and any(m.get("images") for m in e["body"].get("messages", []))
+    ]
+
+
+def step_picture(ctx: Context) -> str:
+    if ctx.picture is None:
+        raise AssertionError("no --picture given")
+    new_chat(ctx)
+    select_model(ctx, VISION_MODEL)
+    ctx.page.locator('input[type="file"]').first.set_input_files(str(ctx.picture))
+    # Open WebUI uploads the file first and then shows it above the input; send only after that.
+    wait_until(
+        "the picture's preview above the input",
+        lambda: ctx.page.evaluate(
+            """() => [...document.querySelectorAll('img')].some(
+                i => i.src.startsWith('data:image') || i.src.includes('/files/'))"""
+        ),
+        120,
+    )
+    ctx.shot("08_picture_attached")
+    send(ctx, PICTURE_QUESTION)
+    message = wait_for_answer(ctx, 0)
+    ctx.shot("08_picture_answer")
+    note = check_answer(ctx, message)
+    sent = chat_requests_with_images(ctx)
+    if not sent:
+        raise AssertionError("Open WebUI sent no /api/chat request with images")
+    images = sum(len(m.get("images") or []) for m in sent[-1]["body"]["messages"])
+    return f"{note}; the chat request carried {images} image(s) to {sent[-1]['body']['model']}"
+
+
 STEPS: list[tuple[str, Callable[[Context], str]]] = [
     ("model appears in the picker", step_model_listed),
     ("first message streams an answer (Ollama)", step_first_message),
@@ -287,6 +332,7 @@ STEPS: list[tuple[str, Callable[[Context], str]]] = [
     ("stop cancels a long answer", step_stop),
     ("unload from the UI", step_unload),
     ("OpenAI connection: answer and follow-up", step_openai),
+    ("a picture in a chat with a vision model (Ollama)", step_picture),
 ]
 
 
@@ -300,6 +346,8 @@ def main() -> int:
     parser.add_argument("--ollama-model", default="SmolLM2-135M-Instruct:latest")
     parser.add_argument("--openai-model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--answer-timeout", type=float, default=900, help="seconds one answer may take")
+    parser.add_argument("--picture", type=Path, help="an image file to attach in the picture step")
+    parser.add_argument("--requests-log", type=Path, help="the recording proxy's log (requests.jsonl)")
     parser.add_argument("--only", help="comma-separated step numbers to run (1-based), for debugging")
     args = parser.parse_args()
     args.screenshots.mkdir(parents=True, exist_ok=True)
@@ -318,6 +366,8 @@ def main() -> int:
             ollama_model=args.ollama_model,
             openai_model=args.openai_model,
             answer_timeout=args.answer_timeout,
+            picture=args.picture,
+            requests_log=args.requests_log,
         )
         for number, (name, step) in enumerate(STEPS, start=1):
             if chosen is not None and number not in chosen:

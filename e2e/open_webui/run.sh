@@ -10,7 +10,8 @@
 # 3. starts Open WebUI offline with both connections pointing at it: Ollama (OLLAMA_BASE_URL) and
 #    OpenAI (OPENAI_API_BASE_URL=<proxy>/v1);
 # 4. drives Chromium with Playwright (drive.py): model in the picker, first message, follow-up, title,
-#    stop button, unload, and the same chat through the OpenAI connection; a screenshot per step;
+#    stop button, unload, the same chat through the OpenAI connection, and a picture attached to a chat with a
+#    vision model (the default GGUF with the tests' tiny random projector); a screenshot per step;
 # 5. writes the captured request sequence as a replay fixture (make_fixture.py).
 #
 # Exits non-zero if any step fails. Not part of .ci/run: it installs ~2.5 GB and takes minutes.
@@ -26,6 +27,7 @@
 #   E2E_MODELFILE       extra Modelfile lines for the default model, e.g. 'NUM_THREAD="1"'
 #   E2E_UPDATE_FIXTURE  1: copy the captured requests to tests/fixtures/open_webui_<version>_requests.json
 #   E2E_KEEP            1: leave the work dir (logs, data) in place
+#   E2E_ONLY            comma-separated step numbers to run (e.g. 8), for debugging
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -113,6 +115,25 @@ if extra.strip():
 print("Modelfile:", (root / DEFAULT_MODEL_NAME / "Modelfile").read_text().replace("\n", " "))
 EOF
 
+# A vision model for the picture step: the default GGUF with the tests' tiny random projector
+# (no real vision model is reachable offline), and a picture to attach.
+"$RKLLAMA_PYTHON" -c 'import gguf' 2>/dev/null || "$RKLLAMA_PYTHON" -m pip install -q "gguf>=0.10"
+PYTHONPATH="$repo/src:$repo/tests" "$RKLLAMA_PYTHON" - "$work/models" "$work/picture.png" <<'EOF'
+import os, sys
+from pathlib import Path
+from PIL import Image
+from rkllama.store.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+from vision_support import write_tiny_mmproj
+root, picture = Path(sys.argv[1]), Path(sys.argv[2])
+folder = root / "SmolVision"
+folder.mkdir()
+os.link(root / DEFAULT_MODEL_NAME / DEFAULT_MODEL_FILE, folder / DEFAULT_MODEL_FILE)
+write_tiny_mmproj(folder / "mmproj-tiny.gguf")
+(folder / "Modelfile").write_text(f'FROM="{DEFAULT_MODEL_FILE}"\nMMPROJ="mmproj-tiny.gguf"\n')
+Image.new("RGB", (320, 240), (220, 40, 40)).save(picture)
+print("vision model:", folder.name)
+EOF
+
 say "rkllama serve on 127.0.0.1:$rk_port (log: $work/rkllama.log)"
 setsid "$RKLLAMA_PYTHON" -m rkllama serve --port "$rk_port" --models "$work/models" >"$work/rkllama.log" 2>&1 &
 pids+=($!)
@@ -145,7 +166,8 @@ rm -rf "$here/screenshots/latest"
 set +e
 PYTHONPATH= "$owui_python" "$here/drive.py" --webui-url "http://127.0.0.1:$webui_port" \
     --proxy-url "http://127.0.0.1:$proxy_port" --rkllama-url "http://127.0.0.1:$rk_port" \
-    --server-log "$work/rkllama.log" --screenshots "$here/screenshots/latest" --answer-timeout "$E2E_ANSWER_TIMEOUT"
+    --server-log "$work/rkllama.log" --screenshots "$here/screenshots/latest" --answer-timeout "$E2E_ANSWER_TIMEOUT" \
+    --picture "$work/picture.png" --requests-log "$work/requests.jsonl" ${E2E_ONLY:+--only "$E2E_ONLY"}
 status=$?
 set -e
 
