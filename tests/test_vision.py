@@ -30,6 +30,7 @@ from vision_support import TinyProjector, write_tiny_mmproj
 
 VISION = "SmolVision"
 ONE_IMAGE = "SmolVisionOne"  # NUM_PARALLEL=1 and MAX_IMAGES=2 in its Modelfile
+SMALL_BATCH = "SmolVisionBatch8"  # NUM_BATCH=8: an image of 16 tokens goes to llama_decode in two pieces
 MAX_PIXELS = 1_000_000
 GREEDY = {"temperature": 0, "num_predict": 4}
 
@@ -70,7 +71,8 @@ def vision_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RkllamaS
     models = make_models_dir(root / "models")
     _vision_folder(models, VISION)
     _vision_folder(models, ONE_IMAGE, 'NUM_PARALLEL="1"\nMAX_IMAGES="2"\n')
-    env = {"RKLLAMA_MAX_IMAGES": "4", "RKLLAMA_MAX_IMAGE_PIXELS": str(MAX_PIXELS), "RKLLAMA_MAX_LOADED_MODELS": "3"}
+    _vision_folder(models, SMALL_BATCH, 'NUM_BATCH="8"\n')
+    env = {"RKLLAMA_MAX_IMAGES": "4", "RKLLAMA_MAX_IMAGE_PIXELS": str(MAX_PIXELS), "RKLLAMA_MAX_LOADED_MODELS": "4"}
     server = RkllamaServer(models, root / "server.log", env=env).wait_ready()
     yield server
     server.stop()
@@ -166,6 +168,14 @@ def test_one_sequence_model_takes_images(ollama_client: ollama.Client) -> None:
         model=ONE_IMAGE, messages=[{"role": "user", "content": "One slot: what?", "images": [RED]}], options=GREEDY
     )
     assert reply.message.content and reply.eval_count > 0
+
+
+def test_image_longer_than_the_batch_is_answered_and_counted_whole(
+    openai_client: openai.OpenAI, tiny: TinyProjector
+) -> None:
+    text_only = openai_prompt_tokens(openai_client, SMALL_BATCH, "Small batch?", [])
+    with_image = openai_prompt_tokens(openai_client, SMALL_BATCH, "Small batch?", [png((5, 99, 5))])
+    assert with_image == text_only + tiny.tokens_per_image
 
 
 def test_images_in_parallel_requests_each_get_their_answer(vision_server: RkllamaServer, tiny: TinyProjector) -> None:

@@ -32,7 +32,7 @@ from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSamp
 
 from .llamacpp_images import PromptImages, is_image_token
 from .llamacpp_slots import common_prefix, slot_score
-from .llamacpp_vision import Projector, causal_off, image_batches
+from .llamacpp_vision import Projector, causal_off, image_batch
 
 log = logging.getLogger(__name__)
 
@@ -358,16 +358,15 @@ class BatchDecoder:
         """Evaluate the next piece (n_batch rows) of the image chunk the job's prompt is at, as
         an embeddings batch of its own (libmtmd's way: embeddings and tokens do not share a
         batch, and a chunk may need non-causal attention). A reused prefix always ends at an
-        image's start, so pieces are whole n_batch blocks of the chunk."""
+        image's start, so row 0 comes first and fixes the image's KV position."""
         assert self._projector is not None and job.images is not None
         chunk, row0 = job.images.rows(job.pending[0])
         if row0 == 0:
             job.image_pos0 = job.n_past
         last = len(job.pending) == chunk.chunk.n_tokens - row0  # the prompt ends with this image
-        pieces = image_batches(
-            self._projector, chunk.chunk, chunk.embeddings, job.image_pos0, slot.seq_id, self.n_batch, last
+        piece = image_batch(
+            self._projector, chunk.chunk, chunk.embeddings, job.image_pos0, slot.seq_id, row0, self.n_batch, last
         )
-        piece = pieces[row0 // self.n_batch]
         with causal_off(self._ctx.ctx, self._projector.non_causal):
             code = llama_cpp.llama_decode(self._ctx.ctx, piece.batch)
         if code != 0:

@@ -3,8 +3,8 @@
 A `Projector` loads the model's mmproj GGUF next to its text model. `split` turns a prompt
 holding one `marker` per image into pieces: runs of text tokens and `ImageChunk`s.
 `encode` runs the vision tower on one image chunk and returns its embeddings
-(n_tokens x n_embd float32), which `decode_image` (or `image_batches` for a decoder that
-calls `llama_decode` itself) writes into a sequence of the text model's KV cache.
+(n_tokens x n_embd float32); `image_batch` turns a piece of them into a batch that the batch
+decoder (llamacpp_batch.py) evaluates into a sequence of the text model's KV cache.
 
 How an image goes into the KV cache (what mtmd-helper.cpp's mtmd_helper_decode_image_chunk does):
 - positions: plain models give embedding i the position n_past + i; M-RoPE models
@@ -259,46 +259,44 @@ def image_positions(projector: Projector, chunk: ImageChunk, n_past: int) -> np.
     return np.array([[p.t for p in rel], [p.y for p in rel], [p.x for p in rel], [p.z for p in rel]], dtype=np.int32)
 
 
-def image_batches(
+def image_batch(
     projector: Projector,
     chunk: ImageChunk,
     embd: np.ndarray,
     n_past: int,
     seq_id: int,
+    start: int,
     n_batch: int,
     logits_last: bool = False,
-) -> list[ImageBatch]:
-    """The image's embeddings as batches of at most n_batch rows, for llama_decode in order.
-    The sequence continues at n_past + chunk.n_pos afterwards. With `projector.non_causal` the
-    caller must wrap the decodes in `causal_off(ctx)` and n_batch must hold the whole image."""
+) -> ImageBatch:
+    """Rows [start, start + n_batch) of the image's embeddings as one batch for llama_decode;
+    `n_past` is the KV position of the image's first row. The sequence continues at
+    n_past + chunk.n_pos after the last row. With `projector.non_causal` the caller wraps the
+    decode in `causal_off(ctx)`, and n_batch must hold the whole image."""
     if embd.shape != (chunk.n_tokens, projector.n_embd) or embd.dtype != np.float32:
         raise EngineRuntimeError(f"embeddings of shape {embd.shape} do not fit the image ({chunk.n_tokens} tokens)")
     if projector.non_causal and n_batch < chunk.n_tokens:
         raise EngineError(f"an image of {chunk.n_tokens} tokens needs a batch size (NUM_BATCH) of at least that")
-    embd = np.ascontiguousarray(embd)
+    n = min(n_batch, chunk.n_tokens - start)
+    rows = np.ascontiguousarray(embd[start : start + n])
     positions = image_positions(projector, chunk, n_past)
+    pos = np.ascontiguousarray(positions[:, start : start + n]).reshape(-1)  # section-major
     seq = ctypes.c_int32(seq_id)
-    out: list[ImageBatch] = []
-    for start in range(0, chunk.n_tokens, n_batch):
-        n = min(n_batch, chunk.n_tokens - start)
-        rows = embd[start : start + n]
-        pos = np.ascontiguousarray(positions[:, start : start + n]).reshape(-1)  # section-major
-        n_seq_id = (ctypes.c_int32 * n)(*([1] * n))
-        seq_ids = (ctypes.POINTER(ctypes.c_int32) * n)(*([ctypes.pointer(seq)] * n))
-        logits = (ctypes.c_int8 * n)()
-        if logits_last and start + n == chunk.n_tokens:
-            logits[n - 1] = 1
-        batch = llama_cpp.llama_batch(
-            n_tokens=n,
-            token=None,
-            embd=rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            pos=pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
-            n_seq_id=n_seq_id,
-            seq_id=seq_ids,
-            logits=logits,
-        )
-        out.append(ImageBatch(batch, n, [embd, rows, pos, seq, n_seq_id, seq_ids, logits]))
-    return out
+    n_seq_id = (ctypes.c_int32 * n)(*([1] * n))
+    seq_ids = (ctypes.POINTER(ctypes.c_int32) * n)(*([ctypes.pointer(seq)] * n))
+    logits = (ctypes.c_int8 * n)()
+    if logits_last and start + n == chunk.n_tokens:
+        logits[n - 1] = 1
+    batch = llama_cpp.llama_batch(
+        n_tokens=n,
+        token=None,
+        embd=rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+        pos=pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+        n_seq_id=n_seq_id,
+        seq_id=seq_ids,
+        logits=logits,
+    )
+    return ImageBatch(batch, n, [rows, pos, seq, n_seq_id, seq_ids, logits])
 
 
 @contextmanager
@@ -311,34 +309,3 @@ def causal_off(ctx: llama_cpp.llama_context_p, enabled: bool = True) -> Iterator
     finally:
         if enabled:
             llama_cpp.llama_set_causal_attn(ctx, True)
-
-
-class ImageDecodeError(EngineRuntimeError):
-    """llama_decode refused an image batch; `code` 1 means no room in the KV cache."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"llama_decode failed with code {code} on an image")
-        self.code = code
-
-
-def decode_image(
-    ctx: llama_cpp.llama_context_p,
-    projector: Projector,
-    chunk: ImageChunk,
-    embd: np.ndarray,
-    n_past: int,
-    seq_id: int,
-    n_batch: int,
-    logits_last: bool = False,
-) -> int:
-    """Decodes the image's embeddings into seq_id from n_past; returns the new n_past."""
-    if projector.non_causal and llama_cpp.llama_n_ubatch(ctx) < chunk.n_tokens:
-        # Split across ubatches, the image would attend only partly to itself.
-        raise EngineError(f"an image of {chunk.n_tokens} tokens needs a micro-batch size of at least that")
-    batches = image_batches(projector, chunk, embd, n_past, seq_id, n_batch, logits_last)
-    with causal_off(ctx, projector.non_causal):
-        for piece in batches:
-            code = llama_cpp.llama_decode(ctx, piece.batch)
-            if code != 0:
-                raise ImageDecodeError(code)
-    return n_past + chunk.n_pos
