@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .base import EngineError
 from .rkllm_abi import ABI_VERSIONS
+from .rockchip_library import find_rockchip_library
 
 LIB_ENV = "RKLLAMA_RKLLM_LIB"
 ABI_ENV = "RKLLAMA_RKLLM_ABI"
@@ -93,19 +94,9 @@ def detect_platform() -> str:
 
 
 def _find_library_path() -> str:
-    configured = os.environ.get(LIB_ENV, "").strip()
-    if configured:
-        if not Path(configured).is_file():
-            raise EngineError(f"{LIB_ENV}={configured} does not exist. {INSTALL_HINT}")
-        return configured
-    found = ctypes.util.find_library("rkllmrt")
-    if found:
-        return found
-    for folder in ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu", "/lib"):
-        candidate = Path(folder) / LIBRARY_NAME
-        if candidate.is_file():
-            return str(candidate)
-    raise EngineError(f"The Rockchip runtime library {LIBRARY_NAME} was not found. {INSTALL_HINT}")
+    return find_rockchip_library(
+        LIB_ENV, LIBRARY_NAME, INSTALL_HINT, f"The Rockchip runtime library {LIBRARY_NAME} was not found."
+    )
 
 
 def _version_in_file(path: str) -> str | None:

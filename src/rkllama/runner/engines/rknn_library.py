@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 from .base import EngineError
+from .rockchip_library import find_rockchip_library
 
 LIB_ENV = "RKLLAMA_RKNN_LIB"
 LIBRARY_NAME = "librknnrt.so"
@@ -122,30 +122,12 @@ FUNCTIONS: dict[str, tuple[object, list[object]]] = {
 }
 
 
-def _find_library_path() -> str:
-    configured = os.environ.get(LIB_ENV, "").strip()
-    if configured:
-        if not Path(configured).is_file():
-            raise EngineError(f"{LIB_ENV}={configured} does not exist. {INSTALL_HINT}")
-        return configured
-    found = ctypes.util.find_library("rknnrt")
-    if found:
-        return found
-    for folder in ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu", "/lib"):
-        candidate = Path(folder) / LIBRARY_NAME
-        if candidate.is_file():
-            return str(candidate)
-    raise EngineError(f"This model's vision encoder needs {LIBRARY_NAME}, which was not found. {INSTALL_HINT}")
-
-
-_loaded: dict[str, ctypes.CDLL] = {}
-
-
 def load_rknn_library() -> tuple[str, ctypes.CDLL]:
-    """The runtime library and its path, with every prototype set (loaded once per process)."""
-    path = _find_library_path()
-    if path in _loaded:
-        return path, _loaded[path]
+    """The runtime library and its path, with every prototype set. (The dynamic loader keeps
+    one copy of it per process; setting the prototypes again costs nothing.)"""
+    path = find_rockchip_library(
+        LIB_ENV, LIBRARY_NAME, INSTALL_HINT, f"This model's vision encoder needs {LIBRARY_NAME}, which was not found."
+    )
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
@@ -156,7 +138,6 @@ def load_rknn_library() -> tuple[str, ctypes.CDLL]:
         function = getattr(lib, name)
         function.restype = restype
         function.argtypes = argtypes
-    _loaded[path] = lib
     return path, lib
 
 
