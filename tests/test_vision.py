@@ -335,3 +335,12 @@ def test_prompt_cut_inside_an_image_drops_the_rest_of_the_image(
     )
     assert reply.message.content
     assert 28 - tiny.tokens_per_image < reply.prompt_eval_count < 28
+
+
+def test_native_generate_counts_all_images_before_decoding_any(vision_server: RkllamaServer) -> None:
+    broken = b64(b"not a picture")
+    messages = [{"role": "user", "content": f"Part {n}", "images": [broken, broken]} for n in range(3)]
+    with vision_server.client() as http:
+        response = http.post("/generate", json={"messages": messages, "stream": False})
+    assert response.status_code == 400
+    assert response.json()["error"] == "The request holds 6 images; at most 4 are allowed (setting RKLLAMA_MAX_IMAGES)."

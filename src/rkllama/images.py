@@ -52,6 +52,11 @@ def check_image_b64(data: object, where: str, rules: ImageRules) -> str:
     return base64.b64encode(check_image_bytes(raw, where, rules)).decode("ascii")
 
 
+def check_images_b64(images: list[object] | None, where: str, rules: ImageRules) -> list[str] | None:
+    """A list of a client's base64 images, each checked (`where.i` names it); None if empty."""
+    return [check_image_b64(image, f"{where}.{i}", rules) for i, image in enumerate(images)] if images else None
+
+
 def data_url_payload(url: str, where: str) -> str:
     """The base64 payload of a `data:image/...;base64,...` URL."""
     match = _DATA_URL.match(url)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import BadRequest, Conflict, ModelNotFound, NotFound, RkllamaError
-from ..images import check_image_b64
+from ..images import check_images_b64
 from ..scheduler import LoadedModel
 from ..settings import RequestLimits
 from ..store.pulls import is_being_pulled
@@ -94,6 +94,9 @@ def _messages(value: Any, limits: RequestLimits) -> tuple[list[ChatMessage] | No
     if isinstance(value, str):
         return [ChatMessage(role="user", content=value)], None
     if isinstance(value, list) and value:
+        # Counted before any image is decoded, as in the other dialects.
+        check_images(sum(len(_image_list(item, index)) for index, item in enumerate(value)), limits)
+        rules = limits.image_rules()
         messages = []
         for index, item in enumerate(value):
             if (
@@ -102,23 +105,20 @@ def _messages(value: Any, limits: RequestLimits) -> tuple[list[ChatMessage] | No
                 or not isinstance(item.get("content", ""), str)
             ):
                 raise BadRequest(f"'messages[{index}]' must be an object with a string 'role' and a string 'content'.")
-            messages.append(
-                ChatMessage(role=item["role"], content=item.get("content", ""), images=_images(item, index, limits))
-            )
-        check_images(sum(len(m.images or []) for m in messages), limits)
+            images = check_images_b64(_image_list(item, index), f"messages.{index}.images", rules)
+            messages.append(ChatMessage(role=item["role"], content=item.get("content", ""), images=images))
         return messages, None
     raise BadRequest('\'messages\' is required: a prompt string, or a non-empty list of {"role", "content"} objects.')
 
 
-def _images(item: dict[str, Any], index: int, limits: RequestLimits) -> list[str] | None:
-    images = item.get("images")
-    if images is None or images == []:
-        return None
+def _image_list(item: Any, index: int) -> list[Any]:
+    """A message's `images` (Ollama's form, not in the spec): a list, or nothing."""
+    images = item.get("images") if isinstance(item, dict) else None
+    if images is None:
+        return []
     if not isinstance(images, list):
         raise BadRequest(f"'messages[{index}].images' must be a list of base64 strings.")
-    check_images(len(images), limits)
-    rules = limits.image_rules()
-    return [check_image_b64(image, f"messages.{index}.images.{i}", rules) for i, image in enumerate(images)]
+    return images
 
 
 def _sampling(data: dict[str, Any], key: str, kind: type) -> Any:

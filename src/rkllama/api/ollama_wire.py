@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BadRequest
-from ..images import check_image_b64
+from ..images import check_images_b64
 from ..settings import RequestLimits
 from ..toolcalls import tool_names
 from ..types import ChatMessage, GenerateRequest, SamplingOptions
@@ -109,22 +109,16 @@ class GenerateBody(_GenerateBase):
 
     def to_request(self, limits: RequestLimits) -> GenerateRequest:
         check_images(len(self.images or []), limits)
-        images = _checked_images(self.images, "images", limits)
         if self.suffix:
             raise BadRequest("'suffix' (fill-in-the-middle) is not supported.")
         if self.template:
             raise BadRequest("'template' is not supported: the chat template comes from the model file.")
+        images = check_images_b64(self.images, "images", limits.image_rules())
         if self.raw:
             return self._request(limits, prompt=self.prompt or "", images=images)
         messages = [ChatMessage(role="system", content=self.system)] if self.system else []
         messages.append(ChatMessage(role="user", content=self.prompt or "", images=images))
         return self._request(limits, messages=messages)
-
-
-def _checked_images(images: list[str] | None, where: str, limits: RequestLimits) -> list[str] | None:
-    """Each image decoded and checked (images.py), in order; None when there are none."""
-    rules = limits.image_rules()
-    return [check_image_b64(image, f"{where}.{i}", rules) for i, image in enumerate(images)] if images else None
 
 
 class ChatBody(_GenerateBase):
@@ -143,7 +137,7 @@ class ChatBody(_GenerateBase):
                     content=message.content or "",
                     tool_calls=calls or None,
                     name=message.tool_name,
-                    images=_checked_images(message.images, f"messages.{index}.images", limits),
+                    images=check_images_b64(message.images, f"messages.{index}.images", limits.image_rules()),
                 )
             )
         if self.tools and not tool_names(self.tools):
