@@ -196,10 +196,9 @@ class LlamaCppEngine:
         """The prompt's tokens, fitted into `context` with `reserve` tokens left for the reply.
         A prompt cut from the front never starts inside an image: the rest of a cut image goes too."""
         fitted = self._fit_tokens(request, context, reserve, images)
-        keep = self._keep(fitted.tokens)
         if images is None or not fitted.truncated_tokens:
             return fitted
-        kept = drop_partial_images(fitted.tokens, keep)
+        kept = drop_partial_images(fitted.tokens, self._keep(fitted.tokens))
         return replace(fitted, tokens=kept, truncated_tokens=fitted.truncated_tokens + len(fitted.tokens) - len(kept))
 
     def _fit_tokens(

@@ -178,9 +178,10 @@ class PromptImages:
         shift = 0
         for token in prompt[:index]:
             if is_image_token(token):
-                chunk, row = self.chunks[split_placeholder(token)[0]], split_placeholder(token)[1]
-                if row == chunk.chunk.n_tokens - 1:
-                    shift += chunk.chunk.n_tokens - chunk.chunk.n_pos
+                chunk_id, row = split_placeholder(token)
+                chunk = self.chunks[chunk_id].chunk
+                if row == chunk.n_tokens - 1:  # counted once per image, at its last row
+                    shift += chunk.n_tokens - chunk.n_pos
         return index - shift
 
 
