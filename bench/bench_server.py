@@ -103,6 +103,42 @@ class DirectLlama:
                 break
         return decode_rate(stamps, len(stamps))
 
+    def first_token_ms(self, n: int) -> float:
+        """Milliseconds from the messages to the first token, template and tokenizer included."""
+        started = time.perf_counter()
+        text = render_chat(self.llm.metadata.get("tokenizer.chat_template"), fresh_messages(n))
+        prompt = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        for _ in self.llm.generate(prompt, temp=0.0, top_k=1):
+            return (time.perf_counter() - started) * 1000
+        return float("nan")
+
+
+def fresh_messages(n: int) -> list[ChatMessage]:
+    """A prompt no cache holds beyond its first few tokens (the number differs each time, its
+    length does not), so every contender evaluates the whole of it."""
+    return [ChatMessage("system", f"Request {n:05d}."), ChatMessage("user", PROMPT)]
+
+
+def first_token_rkllama(base: str, n: int) -> float:
+    messages = [{"role": m.role, "content": m.content} for m in fresh_messages(n)]
+    body = {"messages": messages, "stream": True, "max_tokens": 2, "temperature": 0, "top_k": 1}
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{base}/generate", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if line and json.loads(line)["choices"][0]["content"]:
+                return (time.perf_counter() - started) * 1000
+    return float("nan")
+
+
+def first_token_llama_server(base: str, template: str | None, n: int) -> float:
+    body = {"prompt": render_chat(template, fresh_messages(n)), "n_predict": 2, "temperature": 0, "top_k": 1}
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{base}/completion", json={**body, "stream": True}, timeout=300) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("content"):
+                return (time.perf_counter() - started) * 1000
+    return float("nan")
+
 
 def stream_rkllama(base: str, tokens: int) -> tuple[int, list[float]]:
     stamps: list[float] = []
@@ -193,7 +229,9 @@ def rkllama_server(
 def llama_server(binary: Path, gguf: Path, threads: int, streams: int) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * streams), "-np", str(streams)]
+    # One KV pool of N_CTX cells for all slots, as ours by default (KV_UNIFIED) and llama-server's
+    # own default slots (-np auto).
+    args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX), "-np", str(streams), "-kvu"]
     if cpu_has_amx():
         args.append("--no-repack")  # as our runner: AMX weight buffers crash here
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -232,10 +270,19 @@ def main() -> int:
         for run in contenders.values():
             run()  # warm-up
         decode: dict[str, list[float]] = {name: [] for name in [*contenders, "direct"]}
+        template = direct.llm.metadata.get("tokenizer.chat_template")
+        first_token: dict[str, Callable[[int], float]] = {"rkllama": lambda n: first_token_rkllama(ours_base, n)}
+        if peer_proc is not None:
+            first_token["llama-server"] = lambda n: first_token_llama_server(peer_base, template, n)
+        first_token["direct"] = direct.first_token_ms
+        ttft: dict[str, list[float]] = {name: [] for name in first_token}
         together: dict[tuple[str, int], list[float]] = {(name, n): [] for name in contenders for n in stream_counts}
         for round_number in range(args.runs):
             order = list(contenders)
             order = order[round_number % len(order) :] + order[: round_number % len(order)]
+            for repeat in range(3):
+                for name, measure in first_token.items():
+                    ttft[name].append(measure(round_number * 10 + repeat))
             decode["direct"].append(direct.run(args.tokens))
             for name in order:
                 count, stamps = contenders[name]()
@@ -245,6 +292,7 @@ def main() -> int:
                     together[name, streams].append(aggregate(contenders[name], streams))
         rates = {name: statistics.median(values) for name, values in decode.items()}
         agg = {key: statistics.median(values) for key, values in together.items()}
+        first = {name: statistics.median(values) for name, values in ttft.items()}
         rss = {
             "rkllama": sum(rss_mib(p) for p in children(ours_proc.pid)),
             "direct": rss_mib(os.getpid()),
@@ -273,6 +321,14 @@ def main() -> int:
                 else "n/a | n/a |"
             )
             for n in stream_counts
+        ),
+        f"| time to first token ms, fresh prompt | {first['rkllama']:.1f} | {first['direct']:.1f} | "
+        f"+{first['rkllama'] - first['direct']:.1f} ms | "
+        + (
+            f"{first['llama-server']:.1f} (+{first['llama-server'] - first['direct']:.1f} ms over direct) | "
+            f"{first['rkllama'] / first['llama-server']:.2f} |"
+            if peer
+            else "n/a | n/a |"
         ),
         f"| model process RSS MiB | {ours['rss']:.0f} | {direct_rss:.0f} | {ours['rss'] / direct_rss:.2f} | "
         + (f"{peer['rss']:.0f} | {ours['rss'] / peer['rss']:.2f} |" if peer else "n/a | n/a |"),

@@ -1,7 +1,8 @@
-"""KV_UNIFIED (issue 13): a model's sequences share one KV pool of NUM_CTX cells instead of one
-context each. What it costs, that every sequence is served, and what happens when the pool is
-full: a prompt waits for room, a generating sequence that finds none ends with a clear error and
-the others finish whole."""
+"""KV_UNIFIED (issue 13), on by default as llama-server's default slots: a model's sequences
+share one KV pool of NUM_CTX cells instead of one context each; KV_UNIFIED=0 gives one each.
+What it costs, that every sequence is served, and what happens when the pool is full: a prompt
+waits for room, a generating sequence that finds none ends with a clear error and the others
+finish whole."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ ENDLESS = {"type": "array", "items": {"type": "integer"}, "minItems": 500}
 
 
 def pooled_model(models: Path, name: str, modelfile: str) -> Path:
+    """A model folder whose Modelfile says nothing of KV_UNIFIED: the pool is the default."""
     folder = models / name
     folder.mkdir(parents=True)
     os.link(packaged_default_model(), folder / "weights.gguf")
-    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\nKV_UNIFIED=1\n{modelfile}')
+    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\n{modelfile}')
     return models
 
 
@@ -58,6 +60,19 @@ def test_a_unified_pool_costs_one_context_and_serves_every_sequence(start_server
             )
         )
     assert all(reply.done and reply.message.content for reply in replies)
+
+
+def test_kv_unified_0_gives_each_sequence_a_context_of_its_own(start_server, tmp_path):
+    models = pooled_model(tmp_path / "models", "split", "NUM_CTX=2048\nNUM_PARALLEL=4\nKV_UNIFIED=0\n")
+    srv = start_server(models_dir=models, args=["--model", "split"])
+    with srv.client() as http:
+        (loaded,) = http.get("/api/ps").json()["models"]
+    assert loaded["kv_unified"] is False and loaded["num_parallel"] == 4
+    assert loaded["size"] == packaged_default_model().stat().st_size + 4 * 2048 * KV_BYTES_PER_TOKEN
+    reply = ollama.Client(host=srv.base_url, timeout=300).chat(
+        model="split", messages=[{"role": "user", "content": "Say hello."}], options={"num_predict": 4}
+    )
+    assert reply.done and reply.message.content
 
 
 def test_a_prompt_waits_for_room_and_the_running_answer_finishes_whole(start_server, tmp_path):

@@ -78,10 +78,10 @@ def test_least_recently_used_idle_model_is_evicted_first(start_server, tmp_path)
 
 @pytest.fixture
 def budget_models(tmp_path: Path) -> Path:
-    """small: 1 sequence of 1024 tokens (~117 MiB); big: 4 x 8192 (~814 MiB)."""
+    """small: 1 sequence of 1024 tokens (~117 MiB); big: 4 x 8192 in a stream each (~814 MiB)."""
     models = tmp_path / "models"
     model_folder(models, "small", "NUM_CTX=1024\nNUM_PARALLEL=1\n")
-    model_folder(models, "big", "NUM_CTX=8192\nNUM_PARALLEL=4\n")
+    model_folder(models, "big", "NUM_CTX=8192\nNUM_PARALLEL=4\nKV_UNIFIED=0\n")
     return models
 
 

@@ -24,7 +24,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
-from ...chat_template import render_chat
+from ...chat_template import ChatTemplate, render_chat
 from ...context_size import kv_unified
 from ...types import (
     ChatMessage,
@@ -135,7 +135,7 @@ class LlamaCppEngine:
         self._embed_lock = threading.Lock()
         meta = self.model.metadata()
         self.metadata = meta
-        self.template = meta.get("tokenizer.chat_template")
+        self.template = ChatTemplate(meta.get("tokenizer.chat_template"))
         arch = meta.get("general.architecture", "")
         self.info = ModelInfo(
             engine="llama.cpp",

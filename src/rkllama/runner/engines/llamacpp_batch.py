@@ -1,10 +1,10 @@
 """Continuous batching for the llama.cpp engine: several requests decode in one batch.
 
-One llama context holds `n_parallel` sequences, each in its own KV cache stream of n_ctx
-cells (like llama-server's `-c N*np -np np`). A decode thread loops: it gathers
-the generating sequences' last sampled tokens, runs ONE `llama_decode` over all of them,
-samples each sequence with its own sampler chain, and hands each request its token through a
-queue that the request's own thread reads.
+One llama context holds `n_parallel` sequences, by default in one KV pool of n_ctx cells
+(llama-server's default slots, `-np auto`, do the same), or each in a stream of its own.
+A decode thread loops: it gathers the generating sequences' last sampled tokens, runs ONE
+`llama_decode` over all of them, samples each sequence with its own sampler chain, and hands
+each request its token through a queue that the request's own thread reads.
 Each step decodes one token of every generating sequence in one batch, then at most one
 prompt chunk of n_batch tokens, so a long prompt never stalls the others for more than a chunk.
 
@@ -13,7 +13,7 @@ where it gains the most and destroys the least (see `slot_score`) and evaluates 
 not cached, so multi-turn chats do not re-read their history, also when short side tasks
 (titles, tags) arrive beside them.
 
-With `unified` (KV_UNIFIED, off by default) the sequences share one KV pool of n_ctx cells
+With `unified` (KV_UNIFIED, on by default) the sequences share one KV pool of n_ctx cells
 instead of a stream each, so NUM_PARALLEL sequences cost one context of memory. When the pool
 is full: the caches of idle slots are dropped first; a prompt then waits for room while other
 sequences generate; a generating sequence that finds no room ends with a clear error (the one
@@ -102,7 +102,7 @@ class BatchDecoder:
         n_batch: int,
         n_threads: int,
         flash_attn: bool,
-        unified: bool = False,
+        unified: bool = True,
         projector: Projector | None = None,
     ) -> None:
         self.model = model
@@ -114,10 +114,11 @@ class BatchDecoder:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
-        # By default a stream per sequence, as llama-server does: a sequence's attention then
-        # never sees where other sequences sit in the cache, so a greedy answer does not depend
-        # on what else shares the batch (with one unified cache it did, in the last bits, and
-        # drifted). KV_UNIFIED trades that for memory: one pool for all sequences.
+        # By default one pool for all sequences, as llama-server's default slots: NUM_PARALLEL
+        # sequences cost one context of memory. KV_UNIFIED=0 gives a stream per sequence: four
+        # times the memory, and a greedy answer that never depends on what else shares the batch
+        # (in one pool a sequence's attention runs over a buffer the others lay out too, so its
+        # last bits, and after many tokens its greedy choices, may differ).
         params.kv_unified = unified
         # As `Llama` (NUM_PARALLEL=1) runs: the same numerics, so the same greedy answers.
         params.flash_attn_type = (

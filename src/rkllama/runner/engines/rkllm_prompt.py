@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...chat_template import render_chat
+from ...chat_template import ChatTemplate, render_chat
 from ...types import ChatMessage
 from .base import EngineError
 
@@ -37,7 +37,7 @@ def _template_from_config(config: dict[str, Any]) -> str | None:
 @dataclass
 class ModelTokenizer:
     tokenizer: Any  # tokenizers.Tokenizer
-    template: str | None
+    template: ChatTemplate
     bos_token: str
     eos_token: str
 
@@ -80,7 +80,7 @@ def load_tokenizer(folder: Path) -> ModelTokenizer | None:
         template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
     return ModelTokenizer(
         tokenizer=tokenizer,
-        template=template,
+        template=ChatTemplate(template),
         bos_token=_token_text(config.get("bos_token")),
         eos_token=_token_text(config.get("eos_token")),
     )
