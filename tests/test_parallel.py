@@ -206,3 +206,18 @@ def test_num_parallel_from_the_modelfile_and_a_bad_value(start_server, tmp_path)
             assert json.loads(next(response.iter_lines()))["choices"][0]["finish_reason"] is None
         # The one slot is free again once the stream is closed.
         assert generate(client, *MIXED[1])["tokens"] == MIXED[1][1]
+
+
+def test_batched_repeat_penalties_give_the_answers_of_llama_cpps_own_sampler(start_server, server):
+    """The batch decoder applies the penalties itself (llamacpp_penalties.py); NUM_PARALLEL=1
+    samples through llama-cpp-python's chain, penalties included: the answers are the same."""
+    single = start_server(env={"RKLLAMA_NUM_PARALLEL": "1"})
+
+    def answer(srv, penalty: float) -> str:
+        options = {"num_predict": 60, "temperature": 0, "repeat_penalty": penalty}
+        client = ollama.Client(host=srv.base_url, timeout=120)
+        return client.generate(model=MODEL, prompt="one two one two one two", raw=True, options=options).response
+
+    penalised = answer(server, 1.5)
+    assert penalised == answer(single, 1.5)
+    assert penalised != answer(server, 1.0)  # the penalty did change the answer

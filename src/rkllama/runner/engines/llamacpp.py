@@ -43,6 +43,7 @@ from .llamacpp_batch import BatchDecoder, Finished, Job
 from .llamacpp_cpu import avoid_amx_weight_buffers
 from .llamacpp_events import no_tokens, text_events
 from .llamacpp_images import ImageCache, PromptImages, drop_partial_images
+from .llamacpp_penalties import RecentPenalties
 from .llamacpp_sampling import grammar_for, sampler_chain
 from .llamacpp_slots import common_prefix
 from .llamacpp_vision import Projector
@@ -268,7 +269,15 @@ class LlamaCppEngine:
             source: Generator[int, None, str] = no_tokens()
         elif self._decoder is not None:
             sampler = sampler_chain(self.model, options, grammar, seed)
-            job = Job(prompt=tokens, sampler=sampler, limit=limit, cancel=cancel, images=images)
+            penalties = RecentPenalties(options, self.model.n_vocab())
+            job = Job(
+                prompt=tokens,
+                sampler=sampler,
+                limit=limit,
+                cancel=cancel,
+                images=images,
+                penalties=penalties if penalties.active else None,
+            )
             source = self._batched_tokens(job, usage)
         else:
             source = self._sequential_tokens(tokens, options, grammar, seed, limit, usage)

@@ -31,6 +31,7 @@ import llama_cpp
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler
 
 from .llamacpp_images import PromptImages, is_image_token
+from .llamacpp_penalties import RecentPenalties
 from .llamacpp_slots import common_prefix, slot_score
 from .llamacpp_vision import Projector, causal_off, image_batch
 
@@ -74,6 +75,8 @@ class Job:
     # the image chunk being evaluated starts.
     images: PromptImages | None = None
     image_pos0: int = 0
+    # Repeat/frequency/presence penalties, when they change anything (the chain's first link).
+    penalties: RecentPenalties | None = None
 
 
 @dataclass
@@ -344,7 +347,11 @@ class BatchDecoder:
         """Sample the jobs whose prompt or last token was just evaluated, at batch row `at`."""
         for slot, job, at in sample_at:
             job.prompt_done = True
+            if job.penalties is not None:
+                job.penalties.apply(self._ctx.ctx, at)
             token = job.sampler.sample(self._ctx, at)
+            if job.penalties is not None:
+                job.penalties.accept(token)
             if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
                 self._end(slot, Finished(STOP))
                 continue

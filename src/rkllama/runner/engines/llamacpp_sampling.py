@@ -14,9 +14,6 @@ from llama_cpp.llama_grammar import JSON_GBNF
 from ...types import GenerateRequest, SamplingOptions
 from .base import EngineError
 
-# Tokens of recent output the repeat penalties look at (llama-cpp-python's default).
-PENALTY_LAST_N = 64
-
 
 def tool_call_schema(tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
     """JSON schema of one call to the chosen tool (or to any tool for "required")."""
@@ -57,15 +54,9 @@ def grammar_for(request: GenerateRequest) -> LlamaGrammar | None:
 
 
 def sampler_chain(model: LlamaModel, options: SamplingOptions, grammar: LlamaGrammar | None, seed: int) -> LlamaSampler:
-    """The chain `Llama.generate` builds, so NUM_PARALLEL does not change what is sampled."""
+    """The chain `Llama.generate` builds, so NUM_PARALLEL does not change what is sampled; its
+    first link, the penalties, is applied to the logits before (llamacpp_penalties.py)."""
     sampler = LlamaSampler()
-    sampler.add_penalties(
-        n_vocab=model.n_vocab(),
-        penalty_last_n=PENALTY_LAST_N,
-        penalty_repeat=options.repeat_penalty,
-        penalty_freq=options.frequency_penalty,
-        penalty_present=options.presence_penalty,
-    )
     if grammar is not None:
         sampler.add_grammar(model, grammar)
     temperature = options.temperature
