@@ -21,59 +21,21 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from .context_size import ContextLimits, default_kv_budget
 from .errors import ModelLoadError, ModelTooLarge, RunnerError, ServerBusy, ServerShuttingDown
+from .loaded_model import LoadedModel, first_idle
 from .memory import MemoryNeed, gguf_need, mib, rkllm_need
 from .metrics import Metrics
 from .runner.client import RunnerLimits, RunnerProcess
 from .runner.engines.base import LoadSpec
 from .store.models_dir import ModelEntry, ModelStore
 from .store.vision import vision_file_size, vision_path
-from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, TokenEvent
+from .types import DoneEvent, EmbedRequest, EmbedResult, GenerateRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 RunnerFactory = Callable[[LoadSpec, Callable[[RunnerProcess], None]], RunnerProcess]
-
-
-@dataclass
-class LoadedModel:
-    entry: ModelEntry
-    runner: RunnerProcess
-    info: ModelInfo
-    loaded_at: float = field(default_factory=time.time)
-    load_seconds: float = 0.0
-    last_used: float = field(default_factory=time.monotonic)
-    # Seconds an idle model stays loaded after its last use; None keeps it loaded.
-    keep_alive: float | None = None
-    # A larger context a waiting request needs: the model is reloaded at it once idle.
-    reload_context: int | None = None
-    memory: MemoryNeed = field(default_factory=lambda: MemoryNeed(0, 0))
-
-    @property
-    def expires_at(self) -> float | None:
-        """Monotonic time after which the model is unloaded once idle; None: never."""
-        return None if self.keep_alive is None else self.last_used + self.keep_alive
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    @property
-    def busy(self) -> bool:
-        return self.runner.pending > 0
-
-
-async def _first_idle(models: list[LoadedModel]) -> None:
-    """Until one of `models` has no request queued or running."""
-    waits = [asyncio.ensure_future(model.runner.wait_idle()) for model in models]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
 
 
 class Scheduler:
@@ -290,7 +252,7 @@ class Scheduler:
             self.admit()
             self._waiting_for_load += 1
             try:
-                await _first_idle(list(self._loaded.values()))
+                await first_idle(list(self._loaded.values()))
             finally:
                 self._waiting_for_load -= 1
 

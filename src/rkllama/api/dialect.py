@@ -22,7 +22,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from ..errors import BadRequest
-from ..scheduler import LoadedModel
+from ..loaded_model import LoadedModel
 from ..store.names import resolve_model
 from ..store.vision import check_vision
 from ..toolcalls import ToolCall, may_become_tool_call, parse_tool_calls

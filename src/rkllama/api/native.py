@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import BadRequest, Conflict, ModelNotFound, NotFound, RkllamaError
 from ..images import check_images_b64
-from ..scheduler import LoadedModel
+from ..loaded_model import LoadedModel
 from ..settings import RequestLimits
 from ..store.pulls import is_being_pulled
 from ..store.vision import check_vision
