@@ -1,5 +1,5 @@
-"""KV_UNIFIED (issue 13), on by default as llama-server's default slots: a model's sequences
-share one KV pool of NUM_CTX cells instead of one context each; KV_UNIFIED=0 gives one each.
+"""KV_UNIFIED=1 (issue 13), as llama-server's -kvu: a model's sequences share one KV pool of
+NUM_CTX cells instead of one context each (the default, as Ollama's slots).
 What it costs, that every sequence is served, and what happens when the pool is full: a prompt
 waits for room, a generating sequence that finds none ends with a clear error and the others
 finish whole."""
@@ -23,11 +23,11 @@ ENDLESS = {"type": "array", "items": {"type": "integer"}, "minItems": 500}
 
 
 def pooled_model(models: Path, name: str, modelfile: str) -> Path:
-    """A model folder whose Modelfile says nothing of KV_UNIFIED: the pool is the default."""
+    """A model folder whose sequences share one KV pool."""
     folder = models / name
     folder.mkdir(parents=True)
     os.link(packaged_default_model(), folder / "weights.gguf")
-    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\n{modelfile}')
+    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\nKV_UNIFIED=1\n{modelfile}')
     return models
 
 
@@ -62,8 +62,11 @@ def test_a_unified_pool_costs_one_context_and_serves_every_sequence(start_server
     assert all(reply.done and reply.message.content for reply in replies)
 
 
-def test_kv_unified_0_gives_each_sequence_a_context_of_its_own(start_server, tmp_path):
-    models = pooled_model(tmp_path / "models", "split", "NUM_CTX=2048\nNUM_PARALLEL=4\nKV_UNIFIED=0\n")
+def test_by_default_each_sequence_has_a_context_of_its_own(start_server, tmp_path):
+    models = tmp_path / "models"
+    (models / "split").mkdir(parents=True)
+    os.link(packaged_default_model(), models / "split" / "weights.gguf")
+    (models / "split" / "Modelfile").write_text('FROM="weights.gguf"\nNUM_CTX=2048\nNUM_PARALLEL=4\n')
     srv = start_server(models_dir=models, args=["--model", "split"])
     with srv.client() as http:
         (loaded,) = http.get("/api/ps").json()["models"]

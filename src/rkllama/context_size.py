@@ -57,11 +57,10 @@ def default_kv_budget() -> int:
 
 
 def kv_unified(modelfile: Mapping[str, str]) -> bool:
-    """KV_UNIFIED from the Modelfile, else RKLLAMA_KV_UNIFIED; on unless set to a no, as
-    llama-server's default slots (`-np auto`) share one pool. Both the scheduler's memory
-    estimate and the llama.cpp engine read it here, so they agree."""
+    """KV_UNIFIED from the Modelfile, else RKLLAMA_KV_UNIFIED; off unless set to a yes. Both the
+    scheduler's memory estimate and the llama.cpp engine read it here, so they agree."""
     value = modelfile.get("KV_UNIFIED", os.environ.get("RKLLAMA_KV_UNIFIED")) or ""
-    return value.strip().lower() not in {"0", "false", "off", "no"}
+    return value.strip().lower() not in {"", "0", "false", "off", "no"}
 
 
 def trained_context(metadata: dict[str, Any]) -> int | None:

@@ -162,4 +162,4 @@ class ModelInfo:
     # CPU threads the engine computes with (llama.cpp's NUM_THREAD; rkllm: CPUs in its mask).
     threads: int = 0
     # The sequences share one KV pool of context_length cells (llama.cpp's KV_UNIFIED).
-    kv_unified: bool = False  # what the runner reports; the setting's default is on
+    kv_unified: bool = False

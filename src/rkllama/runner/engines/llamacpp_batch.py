@@ -1,7 +1,7 @@
 """Continuous batching for the llama.cpp engine: several requests decode in one batch.
 
-One llama context holds `n_parallel` sequences, by default in one KV pool of n_ctx cells
-(llama-server's default slots, `-np auto`, do the same), or each in a stream of its own.
+One llama context holds `n_parallel` sequences, by default each in its own KV cache stream of
+n_ctx cells (like llama-server's `-c N*np -np np`), or all in one pool (KV_UNIFIED).
 A decode thread loops: it gathers the generating sequences' last sampled tokens, runs ONE
 `llama_decode` over all of them, samples each sequence with its own sampler chain, and hands
 each request its token through a queue that the request's own thread reads.
@@ -13,7 +13,7 @@ where it gains the most and destroys the least (see `slot_score`) and evaluates 
 not cached, so multi-turn chats do not re-read their history, also when short side tasks
 (titles, tags) arrive beside them.
 
-With `unified` (KV_UNIFIED, on by default) the sequences share one KV pool of n_ctx cells
+With `unified` (KV_UNIFIED, off by default) the sequences share one KV pool of n_ctx cells
 instead of a stream each, so NUM_PARALLEL sequences cost one context of memory. When the pool
 is full: the caches of idle slots are dropped first; a prompt then waits for room while other
 sequences generate; a generating sequence that finds no room ends with a clear error (the one
@@ -105,7 +105,7 @@ class BatchDecoder:
         n_batch: int,
         n_threads: int,
         flash_attn: bool,
-        unified: bool = True,
+        unified: bool = False,
         projector: Projector | None = None,
     ) -> None:
         self.model = model
@@ -117,11 +117,10 @@ class BatchDecoder:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
-        # By default one pool for all sequences, as llama-server's default slots: NUM_PARALLEL
-        # sequences cost one context of memory. KV_UNIFIED=0 gives a stream per sequence: four
-        # times the memory, and a greedy answer that never depends on what else shares the batch
-        # (in one pool a sequence's attention runs over a buffer the others lay out too, so its
-        # last bits, and after many tokens its greedy choices, may differ).
+        # By default a stream per sequence: a sequence's attention then never sees where other
+        # sequences sit in the cache, so a greedy answer does not depend on what else runs or is
+        # cached (in one pool it does, in the last bits, and drifts), and it runs over its own
+        # cells only. KV_UNIFIED=1 trades both for memory: one pool for all sequences.
         params.kv_unified = unified
         # As `Llama` (NUM_PARALLEL=1) runs: the same numerics, so the same greedy answers.
         params.flash_attn_type = (
