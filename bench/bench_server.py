@@ -328,9 +328,9 @@ def main() -> int:
             for n in stream_counts
         ),
         f"| time to first token ms, fresh prompt | {first['rkllama']:.1f} | {first['direct']:.1f} | "
-        f"+{first['rkllama'] - first['direct']:.1f} ms | "
+        f"{first['rkllama'] - first['direct']:+.1f} ms | "
         + (
-            f"{first['llama-server']:.1f} (+{first['llama-server'] - first['direct']:.1f} ms over direct) | "
+            f"{first['llama-server']:.1f} ({first['llama-server'] - first['direct']:+.1f} ms over direct) | "
             f"{first['rkllama'] / first['llama-server']:.2f} |"
             if peer
             else "n/a | n/a |"
