@@ -226,17 +226,11 @@ def rkllama_server(
 
 
 @contextlib.contextmanager
-def llama_server(
-    binary: Path, gguf: Path, threads: int, streams: int, unified: bool = False
-) -> Iterator[tuple[str, subprocess.Popen]]:
+def llama_server(binary: Path, gguf: Path, threads: int, streams: int) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    # A KV stream of N_CTX cells per slot, as ours by default (with KV_UNIFIED=1: one pool, -kvu).
-    args += ["-t", str(threads), "-tb", str(threads), "-np", str(streams)]
-    if unified:
-        args += ["-c", str(N_CTX), "-kvu"]
-    else:
-        args += ["-c", str(N_CTX * streams)]
+    # A KV stream of N_CTX cells per slot, as ours by default.
+    args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * streams), "-np", str(streams)]
     if cpu_has_amx():
         args.append("--no-repack")  # as our runner: AMX weight buffers crash here
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -22,12 +22,12 @@ STORY = [{"role": "user", "content": "List numbers."}]
 ENDLESS = {"type": "array", "items": {"type": "integer"}, "minItems": 500}
 
 
-def pooled_model(models: Path, name: str, modelfile: str) -> Path:
-    """A model folder whose sequences share one KV pool."""
+def pooled_model(models: Path, name: str, modelfile: str, pooled: bool = True) -> Path:
+    """A model folder whose sequences share one KV pool (or, not `pooled`, take the default)."""
     folder = models / name
     folder.mkdir(parents=True)
     os.link(packaged_default_model(), folder / "weights.gguf")
-    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\nKV_UNIFIED=1\n{modelfile}')
+    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\n{"KV_UNIFIED=1" if pooled else ""}\n{modelfile}')
     return models
 
 
@@ -63,10 +63,7 @@ def test_a_unified_pool_costs_one_context_and_serves_every_sequence(start_server
 
 
 def test_by_default_each_sequence_has_a_context_of_its_own(start_server, tmp_path):
-    models = tmp_path / "models"
-    (models / "split").mkdir(parents=True)
-    os.link(packaged_default_model(), models / "split" / "weights.gguf")
-    (models / "split" / "Modelfile").write_text('FROM="weights.gguf"\nNUM_CTX=2048\nNUM_PARALLEL=4\n')
+    models = pooled_model(tmp_path / "models", "split", "NUM_CTX=2048\nNUM_PARALLEL=4\n", pooled=False)
     srv = start_server(models_dir=models, args=["--model", "split"])
     with srv.client() as http:
         (loaded,) = http.get("/api/ps").json()["models"]

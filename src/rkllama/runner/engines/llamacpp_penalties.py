@@ -20,18 +20,18 @@ PENALTY_LAST_N = 64
 
 
 class RecentPenalties:
-    def __init__(self, options: SamplingOptions, n_vocab: int, last_n: int = PENALTY_LAST_N) -> None:
+    def __init__(self, options: SamplingOptions, n_vocab: int) -> None:
         self._repeat = np.float32(options.repeat_penalty)
         self._frequency = np.float32(options.frequency_penalty)
         self._presence = np.float32(options.presence_penalty)
         self._n_vocab = n_vocab
-        self._recent: deque[int] = deque(maxlen=last_n)
+        self._recent: deque[int] = deque(maxlen=PENALTY_LAST_N)
         self._counts: Counter[int] = Counter()
 
     @property
     def active(self) -> bool:
         """False when the penalties change nothing (llama.cpp's sampler then skips too)."""
-        return bool(self._recent.maxlen) and not (self._repeat == 1 and self._frequency == 0 and self._presence == 0)
+        return not (self._repeat == 1 and self._frequency == 0 and self._presence == 0)
 
     def apply(self, ctx: llama_cpp.llama_context_p, row: int) -> None:
         """Penalise, in place, the logits of batch row `row` that the sampler chain reads next."""
@@ -46,8 +46,6 @@ class RecentPenalties:
         logits[ids] = picked
 
     def accept(self, token: int) -> None:
-        if self._recent.maxlen == 0:
-            return
         if len(self._recent) == self._recent.maxlen:
             oldest = self._recent[0]
             self._counts[oldest] -= 1
