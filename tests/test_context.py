@@ -184,6 +184,19 @@ def test_a_follow_up_beside_side_tasks_reuses_its_cached_prefix(client: ollama.C
     assert reply.prompt_eval_count is not None and 0 < reply.prompt_eval_count < 200
 
 
+def test_the_same_prompt_again_reuses_its_cache_though_its_answer_was_longer(start_server) -> None:
+    """A regenerated answer (or a client asking again) finds its whole prompt cached, followed
+    by the earlier answer; it must continue that cache, not re-read the prompt in an empty slot."""
+    client = ollama.Client(host=start_server().base_url, timeout=600)
+    prompt = "Write a long story about a dragon who learns to bake bread."
+    options = {"num_predict": 96, **GREEDY}
+    first = client.generate(model=MODEL, prompt=prompt, options=options)
+    assert first.eval_count == 96  # the cached answer is longer than the prompt
+    assert first.prompt_eval_count is not None and first.prompt_eval_count < 96
+    again = client.generate(model=MODEL, prompt=prompt, options=options)
+    assert again.prompt_eval_count == 1  # only the last prompt token, for fresh logits
+
+
 def test_a_larger_num_ctx_waits_for_the_busy_model_and_reloads_it(start_server) -> None:
     """A request without num_ctx is answering when one needing a larger context arrives: the
     second waits for the first to finish, the model is reloaded, and both get 200."""

@@ -18,7 +18,9 @@ def slot_score(cached: list[int], prompt: list[int], age: int) -> tuple[int, flo
     (jobs started or ended) since the slot was last used.
 
     A slot whose cache the prompt mostly continues (it reuses more tokens than it throws away:
-    a follow-up turn) wins, the most reused first. Otherwise the prompt takes the slot whose
+    a follow-up turn) wins, the most reused first; so does one that holds the whole prompt (the
+    same request again, or a regenerated answer: what it throws away is an earlier answer to
+    this very prompt). Otherwise the prompt takes the slot whose
     cache is worth least: empty first, then the fewest tokens thrown away per unit of age. So
     a short side task (a title, tags, follow-up suggestions) takes an empty or short slot and a
     long conversation's cache survives it, while of two long caches the staler one goes.
@@ -26,6 +28,6 @@ def slot_score(cached: list[int], prompt: list[int], age: int) -> tuple[int, flo
     slot, which evicts a conversation whenever side tasks ended after it.)"""
     reused = common_prefix(cached, prompt)
     thrown = len(cached) - reused
-    if reused > thrown:
+    if reused > thrown or (prompt and reused == len(prompt)):
         return (1, float(reused))
     return (0, -thrown / (1 + age))
