@@ -1,6 +1,7 @@
-"""KV_UNIFIED=1 (issue 13), as llama-server's -kvu: a model's sequences share one KV pool of
-NUM_CTX cells instead of one context each (the default, as Ollama's slots).
-What it costs, that every sequence is served, and what happens when the pool is full: a prompt
+"""The shared KV pool (issue 13), as llama-server's default slots (-kvu): a model's sequences share
+one KV pool of NUM_CTX cells instead of one context each (KV_UNIFIED=0), and idle sequences'
+caches wait in host RAM, not in the pool. What it costs, that every sequence is served, that
+a parked conversation continues from its cache, and what happens when the pool is full: a prompt
 waits for room, a generating sequence that finds none ends with a clear error and the others
 finish whole."""
 
@@ -23,11 +24,12 @@ ENDLESS = {"type": "array", "items": {"type": "integer"}, "minItems": 500}
 
 
 def pooled_model(models: Path, name: str, modelfile: str, pooled: bool = True) -> Path:
-    """A model folder whose sequences share one KV pool (or, not `pooled`, take the default)."""
+    """A model folder with the default KV layout, one shared pool (or, not `pooled`, a stream per
+    sequence: KV_UNIFIED=0)."""
     folder = models / name
     folder.mkdir(parents=True)
     os.link(packaged_default_model(), folder / "weights.gguf")
-    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\n{"KV_UNIFIED=1" if pooled else ""}\n{modelfile}')
+    (folder / "Modelfile").write_text(f'FROM="weights.gguf"\n{"" if pooled else "KV_UNIFIED=0"}\n{modelfile}')
     return models
 
 
@@ -40,14 +42,14 @@ def stream_lines(srv, body: dict):
                 yield json.loads(line)
 
 
-def test_a_unified_pool_costs_one_context_and_serves_every_sequence(start_server, tmp_path):
+def test_by_default_the_sequences_share_one_pool_and_every_one_is_served(start_server, tmp_path):
     models = pooled_model(tmp_path / "models", "pooled", "NUM_CTX=2048\nNUM_PARALLEL=4\n")
     srv = start_server(models_dir=models, args=["--model", "pooled"])
     with srv.client() as http:
         (loaded,) = http.get("/api/ps").json()["models"]
     assert loaded["kv_unified"] is True and loaded["num_parallel"] == 4 and loaded["context_length"] == 2048
-    # Four sequences, one context of KV cache (not four).
-    assert loaded["size"] == packaged_default_model().stat().st_size + 2048 * KV_BYTES_PER_TOKEN
+    # Four sequences: one context of KV pool, and at most one more in host RAM for idle caches.
+    assert loaded["size"] == packaged_default_model().stat().st_size + 2 * 2048 * KV_BYTES_PER_TOKEN
     client = ollama.Client(host=srv.base_url, timeout=300)
     questions = ["What is the sky?", "Name a fruit.", "Say hello.", "Count to three."]
     with ThreadPoolExecutor(4) as pool:
@@ -62,7 +64,7 @@ def test_a_unified_pool_costs_one_context_and_serves_every_sequence(start_server
     assert all(reply.done and reply.message.content for reply in replies)
 
 
-def test_by_default_each_sequence_has_a_context_of_its_own(start_server, tmp_path):
+def test_with_kv_unified_0_each_sequence_has_a_context_of_its_own(start_server, tmp_path):
     models = pooled_model(tmp_path / "models", "split", "NUM_CTX=2048\nNUM_PARALLEL=4\n", pooled=False)
     srv = start_server(models_dir=models, args=["--model", "split"])
     with srv.client() as http:
@@ -73,6 +75,25 @@ def test_by_default_each_sequence_has_a_context_of_its_own(start_server, tmp_pat
         model="split", messages=[{"role": "user", "content": "Say hello."}], options={"num_predict": 4}
     )
     assert reply.done and reply.message.content
+
+
+def test_a_conversation_idle_while_another_fills_the_pool_continues_from_its_cache(start_server, tmp_path):
+    """Two conversations of ~300 tokens do not fit a 512-cell pool together. The first is idle
+    when the second starts: its cache is parked in host RAM, not dropped, and its next turn
+    evaluates only the new message."""
+    models = pooled_model(tmp_path / "models", "parking", "NUM_CTX=512\nNUM_PARALLEL=2\n")
+    srv = start_server(models_dir=models, args=["--model", "parking"])
+    client = ollama.Client(host=srv.base_url, timeout=300)
+    options = {"num_predict": 8, "temperature": 0}
+    first = [{"role": "user", "content": " ".join(secrets.token_hex(2) for _ in range(90))}]
+    answer = client.chat(model="parking", messages=first, options=options)
+    assert answer.prompt_eval_count is not None and answer.prompt_eval_count > 250
+    second = [{"role": "user", "content": " ".join(secrets.token_hex(2) for _ in range(90))}]
+    assert client.chat(model="parking", messages=second, options=options).prompt_eval_count > 250
+    follow_up = [*first, {"role": "assistant", "content": answer.message.content}]
+    follow_up.append({"role": "user", "content": "And then?"})
+    again = client.chat(model="parking", messages=follow_up, options=options)
+    assert again.done and again.prompt_eval_count is not None and again.prompt_eval_count < 40
 
 
 def test_a_prompt_waits_for_room_and_the_running_answer_finishes_whole(start_server, tmp_path):

@@ -57,10 +57,25 @@ def default_kv_budget() -> int:
 
 
 def kv_unified(modelfile: Mapping[str, str]) -> bool:
-    """KV_UNIFIED from the Modelfile, else RKLLAMA_KV_UNIFIED; off unless set to a yes. Both the
-    scheduler's memory estimate and the llama.cpp engine read it here, so they agree."""
+    """KV_UNIFIED from the Modelfile, else RKLLAMA_KV_UNIFIED; on unless set to a no (one KV
+    pool for a model's sequences, as llama-server's default slots). Both the scheduler's memory
+    estimate and the llama.cpp engine read it here, so they agree."""
     value = modelfile.get("KV_UNIFIED", os.environ.get("RKLLAMA_KV_UNIFIED")) or ""
-    return value.strip().lower() not in {"", "0", "false", "off", "no"}
+    return value.strip().lower() not in {"0", "false", "off", "no"}
+
+
+def parking_bytes(modelfile: Mapping[str, str], context: int, bytes_per_token: int | None) -> int:
+    """Host RAM for the caches of idle sequences moved out of a shared pool: as much as one
+    context of KV cache (what the memory estimate counts), less if CACHE_RAM in the Modelfile
+    or RKLLAMA_CACHE_RAM says so (a size, e.g. 512MiB; 0 turns parking off)."""
+    one_context = context * (bytes_per_token or 0)
+    value = (modelfile.get("CACHE_RAM") or os.environ.get("RKLLAMA_CACHE_RAM") or "").strip()
+    if not value:
+        return one_context
+    try:
+        return min(parse_size(value), one_context)
+    except ValueError as exc:
+        raise ValueError(f"CACHE_RAM: {exc}") from None
 
 
 def trained_context(metadata: dict[str, Any]) -> int | None:
@@ -119,8 +134,11 @@ class ContextLimits:
 
     @property
     def kv_contexts(self) -> int:
-        """How many contexts of KV cache `parallel` sequences take."""
-        return 1 if self.unified else self.parallel
+        """How many contexts of KV cache `parallel` sequences take: one each, or one shared
+        pool plus (by default) as much again in host RAM for idle sequences' caches."""
+        if self.parallel == 1:
+            return 1
+        return 2 if self.unified else self.parallel
 
     @classmethod
     def of(

@@ -105,8 +105,9 @@ class Scheduler:
         size = entry.size + vision_file_size(entry)
         if entry.format == "gguf":
             facts = self.context_limits(entry)
-            sequences = 1 if facts.unified else parallel  # a unified KV pool is one context
-            return gguf_need(size, facts.bytes_per_token, context or facts.plan().context, sequences)
+            # A stream per sequence, or one pool plus as much in host RAM for idle caches.
+            contexts = 1 if parallel == 1 else 2 if facts.unified else parallel
+            return gguf_need(size, facts.bytes_per_token, context or facts.plan().context, contexts)
         return rkllm_need(size)
 
     def memory_in_use(self) -> int:

@@ -25,7 +25,7 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 
 from ...chat_template import ChatTemplate, render_chat
-from ...context_size import kv_unified
+from ...context_size import kv_bytes_per_token, kv_unified, parking_bytes
 from ...types import (
     ChatMessage,
     DoneEvent,
@@ -119,6 +119,9 @@ class LlamaCppEngine:
                 self.model = LlamaModel(path_model=spec.path, params=model_params, verbose=False)
                 self.n_ctx = n_ctx
                 projector = Projector(self.model, spec.vision_path, threads) if spec.vision_path else None
+                # llama-cpp-python gives the header's numbers as text.
+                numbers = {k: int(v) if v.isdigit() else v for k, v in self.model.metadata().items()}
+                per_token = kv_bytes_per_token(numbers)
                 self._images = ImageCache(projector) if projector else None
                 self._decoder = BatchDecoder(
                     self.model,
@@ -129,6 +132,7 @@ class LlamaCppEngine:
                     flash_attn=self._llama_kwargs["flash_attn"],
                     unified=kv_unified(spec.modelfile),
                     projector=projector,
+                    park_bytes=parking_bytes(spec.modelfile, n_ctx, per_token),
                 )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {os.path.basename(spec.path)}: {exc}") from None

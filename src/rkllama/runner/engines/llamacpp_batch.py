@@ -1,7 +1,7 @@
 """Continuous batching for the llama.cpp engine: several requests decode in one batch.
 
-One llama context holds `n_parallel` sequences, by default each in its own KV cache stream of
-n_ctx cells (like llama-server's `-c N*np -np np`), or all in one pool (KV_UNIFIED).
+One llama context holds `n_parallel` sequences, by default all in one KV pool of n_ctx cells
+(like llama-server's default slots, `-kvu`), or each in a stream of its own (KV_UNIFIED=0).
 A decode thread loops: it gathers the generating sequences' last sampled tokens, runs ONE
 `llama_decode` over all of them, samples each sequence with its own sampler chain, and hands
 each request its token through a queue that the request's own thread reads.
@@ -13,11 +13,13 @@ where it gains the most and destroys the least (see `slot_score`) and evaluates 
 not cached, so multi-turn chats do not re-read their history, also when short side tasks
 (titles, tags) arrive beside them.
 
-With `unified` (KV_UNIFIED, off by default) the sequences share one KV pool of n_ctx cells
-instead of a stream each, so NUM_PARALLEL sequences cost one context of memory. When the pool
-is full: the caches of idle slots are dropped first; a prompt then waits for room while other
-sequences generate; a generating sequence that finds no room ends with a clear error (the one
-started last), and the others go on. Never a crash, never a corrupted answer.
+With `unified` (the default) the sequences share one KV pool of n_ctx cells instead of a
+stream each, so NUM_PARALLEL sequences cost one context of memory, and when a request starts
+the caches of idle slots are parked in host RAM (llamacpp_parking) so they take neither room
+nor attention time from the running ones. When the pool is full: the caches of idle slots
+leave it first; a prompt then waits for room while other sequences generate; a generating
+sequence that finds no room ends with a clear error (the one started last), and the others go
+on. Never a crash, never a corrupted answer.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import llama_cpp
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler
 
 from .llamacpp_images import PromptImages, is_image_token
+from .llamacpp_parking import ParkingLot
 from .llamacpp_penalties import RecentPenalties
-from .llamacpp_slots import common_prefix, slot_score
+from .llamacpp_slots import Slot, SlotCaches, common_prefix, slot_score
 from .llamacpp_vision import Projector, causal_off, image_batch
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,6 @@ log = logging.getLogger(__name__)
 LENGTH, STOP, CANCELLED = "length", "stop", "cancelled"
 # llama_decode's "no room in the KV cache for this batch"; the cache is left as it was.
 NO_KV_SLOT = 1
-# A prefix held by another slot is copied when it saves at least this many tokens of prompt
-# evaluation (a whole-stream copy costs about as much as evaluating a few dozen tokens).
-MIN_BORROWED_TOKENS = 64
 
 
 class KvPoolFull(RuntimeError):
@@ -79,14 +79,6 @@ class Job:
     penalties: RecentPenalties | None = None
 
 
-@dataclass
-class Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds
-    job: Job | None = None
-    last_used: int = 0  # when it last started or ended a job, on the decoder's event clock
-
-
 def _text_run(pending: list[int], chunk: int) -> list[int]:
     """The next tokens to evaluate as text: up to `chunk`, stopping before an image."""
     take = pending[:chunk]
@@ -107,6 +99,7 @@ class BatchDecoder:
         flash_attn: bool,
         unified: bool = False,
         projector: Projector | None = None,
+        park_bytes: int = 0,
     ) -> None:
         self.model = model
         self.n_ctx = n_ctx
@@ -117,10 +110,10 @@ class BatchDecoder:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_parallel
-        # By default a stream per sequence: a sequence's attention then never sees where other
-        # sequences sit in the cache, so a greedy answer does not depend on what else runs or is
-        # cached (in one pool it does, in the last bits, and drifts), and it runs over its own
-        # cells only. KV_UNIFIED=1 trades both for memory: one pool for all sequences.
+        # One pool by default, as llama-server: NUM_PARALLEL sequences cost one context. A
+        # stream per sequence (KV_UNIFIED=0) costs a context each, but a sequence's attention
+        # then never sees where others sit in the cache, so a greedy answer does not depend on
+        # what else runs (in one pool it does, in the last bits, and may drift).
         params.kv_unified = unified
         # As `Llama` (NUM_PARALLEL=1) runs: the same numerics, so the same greedy answers.
         params.flash_attn_type = (
@@ -133,6 +126,9 @@ class BatchDecoder:
         self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._projector = projector
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
+        # In a shared pool, idle sequences' caches wait in host RAM (see llamacpp_parking).
+        lot = ParkingLot(park_bytes) if unified and park_bytes > 0 else None
+        self._caches = SlotCaches(self._ctx, self._slots, lot)
         self._clock = 0  # counts jobs started and ended, to age slot caches
         self._waiting: list[Job] = []
         self._lock = threading.Condition()
@@ -193,43 +189,33 @@ class BatchDecoder:
                 return
             job = self._waiting.pop(0)
             slot = max(free, key=lambda s: (slot_score(s.cached, job.prompt, self._clock - s.last_used), -s.seq_id))
-            self._borrow_prefix(slot, job.prompt)
-            reuse = common_prefix(slot.cached, job.prompt)
-            if reuse == len(job.prompt):
-                reuse -= 1  # evaluate at least one token to get fresh logits
-            position = reuse
-            if job.images is not None:  # reuse whole images only; positions may differ from indices
-                reuse = job.images.image_start(job.prompt, reuse)
-                position = job.images.position(job.prompt, reuse)
-            mem = self._ctx.memory
-            if reuse > 0 and not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, position, -1):
-                reuse = position = 0
-            if reuse == 0:
-                llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
-            slot.cached = job.prompt[:reuse]
-            self._touch(slot)
-            job.cached, job.n_past = reuse, position
-            job.pending = job.prompt[reuse:]
-            slot.job = job
+            try:
+                self._assign(slot, job)
+            except Exception as exc:  # the request must hear of it, not hang; the others go on
+                log.exception("Assigning a slot failed")
+                self._caches.forget(slot)
+                job.out.put(RuntimeError(str(exc)))
 
-    def _borrow_prefix(self, slot: Slot, prompt: list[int]) -> None:
-        """Copy into `slot` the cache of another slot (busy or idle) that holds a longer prefix
-        of `prompt`, so a system prompt shared by many requests is evaluated once, not once per
-        slot. With a stream per sequence llama.cpp copies whole streams (done before the next
-        decode; the copy's tail is then dropped); in a unified pool it only shares the cells."""
-        own = common_prefix(slot.cached, prompt)
-        donor = max(
-            (s for s in self._slots if s is not slot), key=lambda s: common_prefix(s.cached, prompt), default=None
-        )
-        if donor is None:
-            return
-        shared = common_prefix(donor.cached, prompt)
-        if shared < own + MIN_BORROWED_TOKENS:
-            return
+    def _assign(self, slot: Slot, job: Job) -> None:
+        """Start `job` in `slot`, reusing what the slot's cache (or a longer one) holds of its prompt."""
+        self._caches.prepare(slot, job.prompt)
+        reuse = common_prefix(slot.cached, job.prompt)
+        if reuse == len(job.prompt):
+            reuse -= 1  # evaluate at least one token to get fresh logits
+        position = reuse
+        if job.images is not None:  # reuse whole images only; positions may differ from indices
+            reuse = job.images.image_start(job.prompt, reuse)
+            position = job.images.position(job.prompt, reuse)
         mem = self._ctx.memory
-        llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
-        llama_cpp.llama_memory_seq_cp(mem, donor.seq_id, slot.seq_id, -1, -1)
-        slot.cached = list(donor.cached)  # trimmed to the prompt's prefix by the caller
+        if reuse > 0 and not llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, position, -1):
+            reuse = position = 0
+        if reuse == 0:
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
+        slot.cached = job.prompt[:reuse]
+        self._touch(slot)
+        job.cached, job.n_past = reuse, position
+        job.pending = job.prompt[reuse:]
+        slot.job = job
 
     def _drop_finished(self) -> None:
         for slot, job in self._active():
@@ -276,7 +262,7 @@ class BatchDecoder:
             if code != NO_KV_SLOT or not self.unified:
                 self._fail(ordered, f"llama_decode failed with code {code}")
                 return
-            if self._drop_idle_caches():
+            if self._caches.drop_idle():
                 continue
             if chunk > 1:
                 if others_running:
@@ -294,19 +280,8 @@ class BatchDecoder:
                     "run, or load the model with a larger NUM_CTX."
                 ),
             )
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
-            slot.cached = []
+            self._caches.forget(slot)
             ordered = [(s, j) for s, j in ordered if s is not slot]
-
-    def _drop_idle_caches(self) -> bool:
-        """Free the pool cells that only idle slots' caches hold. True if any were freed."""
-        freed = False
-        for slot in self._slots:
-            if slot.job is None and slot.cached:
-                llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
-                slot.cached = []
-                freed = True
-        return freed
 
     def _try_decode(self, jobs: list[tuple[Slot, Job]], chunk: int) -> int:
         """One llama_decode over the jobs' next tokens; the jobs move on only when it succeeds
@@ -377,7 +352,7 @@ class BatchDecoder:
         with causal_off(self._ctx.ctx, self._projector.non_causal):
             code = llama_cpp.llama_decode(self._ctx.ctx, piece.batch)
         if code != 0:
-            if code == NO_KV_SLOT and self.unified and (self._drop_idle_caches() or others_running):
+            if code == NO_KV_SLOT and self.unified and (self._caches.drop_idle() or others_running):
                 return  # retried at the next step, once there is room
             self._fail([(slot, job)], f"llama_decode failed with code {code} on an image")
             return
@@ -393,7 +368,6 @@ class BatchDecoder:
         """A failed step leaves the cache of these sequences unknown: forget them."""
         log.error("%s (%d sequences)", reason, len(jobs))
         for slot, _ in jobs:
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
-            slot.cached = []
+            self._caches.forget(slot)
             if slot.job is not None:
                 self._end(slot, RuntimeError(reason))
