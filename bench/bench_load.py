@@ -8,7 +8,8 @@ time to first token p50/p99, time per output token p50/p99 (per request, from it
 last token over the tokens the server counted in `usage`, as vLLM's TPOT: our server sends
 tokens that come close together in one chunk, so chunk gaps are not token gaps), the longest
 gap between two chunks (p99: a stall a reader sees), output throughput and errors. Both servers
-run 4 sequences of 4096 tokens each (ours: NUM_PARALLEL 4, NUM_CTX 4096; llama-server: -np 4 -c 16384).
+run 4 sequences sharing one KV pool of 4096 tokens (ours: NUM_PARALLEL 4, NUM_CTX 4096, the default pool;
+llama-server: -np 4 -c 4096 -kvu).
 
 `--rates auto` first measures llama-server's saturation (closed loop, 8 clients: completed
 requests per second), then runs at 40%, 80% and 100% of it: the issue's target compares p99 time

@@ -229,8 +229,9 @@ def rkllama_server(
 def llama_server(binary: Path, gguf: Path, threads: int, streams: int) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    # A KV stream of N_CTX cells per slot, as ours by default.
-    args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX * streams), "-np", str(streams)]
+    # One KV pool of N_CTX cells for the slots, as ours by default (idle slots go to its
+    # host-RAM prompt cache, --cache-idle-slots, on by default).
+    args += ["-t", str(threads), "-tb", str(threads), "-c", str(N_CTX), "-np", str(streams), "-kvu"]
     if cpu_has_amx():
         args.append("--no-repack")  # as our runner: AMX weight buffers crash here
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
