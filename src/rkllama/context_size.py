@@ -78,6 +78,14 @@ def parking_bytes(modelfile: Mapping[str, str], context: int, bytes_per_token: i
         raise ValueError(f"CACHE_RAM: {exc}") from None
 
 
+def kv_contexts(parallel: int, unified: bool) -> int:
+    """How many contexts of KV cache `parallel` sequences take: one each, or one shared pool
+    plus at most as much again in host RAM for idle sequences' caches (see parking_bytes)."""
+    if parallel == 1:
+        return 1
+    return 2 if unified else parallel
+
+
 def trained_context(metadata: dict[str, Any]) -> int | None:
     value = metadata.get(f"{metadata.get('general.architecture', '')}.context_length")
     return value if isinstance(value, int) and value > 0 else None
@@ -131,14 +139,6 @@ class ContextLimits:
     budget: int
     # KV_UNIFIED: the sequences share one context's KV pool instead of one context each.
     unified: bool = False
-
-    @property
-    def kv_contexts(self) -> int:
-        """How many contexts of KV cache `parallel` sequences take: one each, or one shared
-        pool plus (by default) as much again in host RAM for idle sequences' caches."""
-        if self.parallel == 1:
-            return 1
-        return 2 if self.unified else self.parallel
 
     @classmethod
     def of(
@@ -201,7 +201,8 @@ class ContextLimits:
         reason = "the trained context" if self.trained else "the fallback context"
         if self.bytes_per_token is None:
             return ContextPlan(trained, self.parallel, reason)
-        fits = self.budget // (self.kv_contexts * self.bytes_per_token) // CONTEXT_STEP * CONTEXT_STEP
+        per_context = kv_contexts(self.parallel, self.unified) * self.bytes_per_token
+        fits = self.budget // per_context // CONTEXT_STEP * CONTEXT_STEP
         if fits >= trained:
             return ContextPlan(trained, self.parallel, reason)
         context = max(fits, min(trained, MIN_DEFAULT_CONTEXT))

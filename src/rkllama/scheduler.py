@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from .context_size import ContextLimits, default_kv_budget
+from .context_size import ContextLimits, default_kv_budget, kv_contexts
 from .errors import ModelLoadError, ModelTooLarge, RunnerError, ServerBusy, ServerShuttingDown
 from .loaded_model import LoadedModel, first_idle
 from .memory import MemoryNeed, gguf_need, mib, rkllm_need
@@ -105,8 +105,7 @@ class Scheduler:
         size = entry.size + vision_file_size(entry)
         if entry.format == "gguf":
             facts = self.context_limits(entry)
-            # A stream per sequence, or one pool plus as much in host RAM for idle caches.
-            contexts = 1 if parallel == 1 else 2 if facts.unified else parallel
+            contexts = kv_contexts(parallel, facts.unified)
             return gguf_need(size, facts.bytes_per_token, context or facts.plan().context, contexts)
         return rkllm_need(size)
 

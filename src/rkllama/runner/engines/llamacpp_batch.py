@@ -97,7 +97,7 @@ class BatchDecoder:
         n_batch: int,
         n_threads: int,
         flash_attn: bool,
-        unified: bool = False,
+        unified: bool = True,
         projector: Projector | None = None,
         park_bytes: int = 0,
     ) -> None:

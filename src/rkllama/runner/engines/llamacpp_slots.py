@@ -110,10 +110,11 @@ class SlotCaches:
         for slot in self._slots:
             if slot is keep or slot.job is not None or not slot.cached or slot.parked:
                 continue
-            slot.parked = self._lot.park(self._ctx.ctx, slot.seq_id, slot.seq_id, protect)
-            if not slot.parked:
-                slot.cached = []
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+            if self._lot.park(self._ctx.ctx, slot.seq_id, slot.seq_id, protect):
+                llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+                slot.parked = True
+            else:
+                self.forget(slot)
             freed = True
         for slot in self._slots:  # states dropped to make room for others are gone
             if slot.parked and not self._lot.holds(slot.seq_id):
@@ -135,14 +136,14 @@ class SlotCaches:
         if not slot.parked:
             return
         assert self._lot is not None
-        if not self._lot.restore(self._ctx.ctx, slot.seq_id, slot.seq_id):
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
-            slot.cached = []
-        self._forget_parked(slot, keep_tokens=True)
+        if self._lot.restore(self._ctx.ctx, slot.seq_id, slot.seq_id):
+            self._lot.drop(slot.seq_id)
+            slot.parked = False
+        else:
+            self.forget(slot)
 
-    def _forget_parked(self, slot: Slot, keep_tokens: bool = False) -> None:
+    def _forget_parked(self, slot: Slot) -> None:
         assert self._lot is not None
         self._lot.drop(slot.seq_id)
         slot.parked = False
-        if not keep_tokens:
-            slot.cached = []
+        slot.cached = []
