@@ -78,7 +78,7 @@ def test_with_kv_unified_0_each_sequence_has_a_context_of_its_own(start_server, 
 
 
 def test_a_conversation_idle_while_another_fills_the_pool_continues_from_its_cache(start_server, tmp_path):
-    """Two conversations of ~300 tokens do not fit a 512-cell pool together. The first is idle
+    """Two conversations of ~400 tokens do not fit a 512-cell pool together. The first is idle
     when the second starts: its cache is parked in host RAM, not dropped, and its next turn
     evaluates only the new message."""
     models = pooled_model(tmp_path / "models", "parking", "NUM_CTX=512\nNUM_PARALLEL=2\n")

@@ -4,8 +4,8 @@ In one shared KV pool (KV_UNIFIED) every step's attention runs up to the highest
 so a conversation cached beside the running ones costs them time at every token, and holds
 pool cells a new prompt may need. llama-server moves idle slots out of its pool into a host-RAM
 prompt cache (`--cache-idle-slots`, `--cache-ram`); this does the same with llama.cpp's
-per-sequence state calls: a sequence's cells are copied out when its request ends and copied
-back when a request continues them. The copies are bounded by a byte budget; past it the least
+per-sequence state calls: an idle sequence's cells are copied out when another request starts,
+and copied back when a request continues them. The copies are bounded by a byte budget; past it the least
 recently parked go (their conversation is then evaluated again, as without a cache).
 """
 
