@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +52,7 @@ from bench_server import (  # noqa: E402
     rkllama_server,
     stream_llama_server,
     stream_rkllama,
+    together,
 )
 from rkllama.chat_template import render_chat  # noqa: E402
 from rkllama.runner.engines.llamacpp import BUILTIN_DEFAULTS  # noqa: E402
@@ -112,25 +112,6 @@ class InProcessEngine:
 
     def close(self) -> None:
         self.decoder.close()
-
-
-def together(stream: Stream, streams: int) -> tuple[int, float]:
-    """Tokens and seconds of `streams` requests sent at once."""
-    counts: list[int] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        count = stream()
-        with lock:
-            counts.append(count)
-
-    started = time.perf_counter()
-    workers = [threading.Thread(target=one) for _ in range(streams)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return sum(counts), time.perf_counter() - started
 
 
 def main() -> int:

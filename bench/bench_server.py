@@ -172,15 +172,15 @@ def stream_llama_server(base: str, prompt: str, tokens: int) -> tuple[int, list[
     return count, stamps
 
 
-def aggregate(stream: Callable[[], tuple[int, list[float]]], streams: int) -> float:
-    """Total tokens per second of `streams` requests sent at once."""
-    results: list[int] = []
+def together(stream: Callable[[], int], streams: int) -> tuple[int, float]:
+    """Tokens and seconds of `streams` requests sent at once (`stream` runs one, returns its tokens)."""
+    counts: list[int] = []
     lock = threading.Lock()
 
     def one() -> None:
-        count, _ = stream()
+        count = stream()
         with lock:
-            results.append(count)
+            counts.append(count)
 
     started = time.perf_counter()
     workers = [threading.Thread(target=one) for _ in range(streams)]
@@ -188,7 +188,13 @@ def aggregate(stream: Callable[[], tuple[int, list[float]]], streams: int) -> fl
         worker.start()
     for worker in workers:
         worker.join()
-    return sum(results) / (time.perf_counter() - started)
+    return sum(counts), time.perf_counter() - started
+
+
+def aggregate(stream: Callable[[], tuple[int, list[float]]], streams: int) -> float:
+    """Total tokens per second of `streams` requests sent at once."""
+    tokens, seconds = together(lambda: stream()[0], streams)
+    return tokens / seconds
 
 
 def children(pid: int) -> list[int]:
