@@ -56,8 +56,9 @@ from bench_server import (  # noqa: E402
 )
 from rkllama.chat_template import render_chat  # noqa: E402
 from rkllama.runner.engines.llamacpp import BUILTIN_DEFAULTS  # noqa: E402
-from rkllama.runner.engines.llamacpp_batch import BatchDecoder, Finished, Job  # noqa: E402
+from rkllama.runner.engines.llamacpp_batch import BatchDecoder  # noqa: E402
 from rkllama.runner.engines.llamacpp_cpu import avoid_amx_weight_buffers  # noqa: E402
+from rkllama.runner.engines.llamacpp_jobs import Finished, Job  # noqa: E402
 from rkllama.runner.engines.llamacpp_penalties import RecentPenalties  # noqa: E402
 from rkllama.runner.engines.llamacpp_sampling import sampler_chain  # noqa: E402
 from rkllama.store.default_model import DEFAULT_MODEL_NAME, install_default_model  # noqa: E402

@@ -39,10 +39,11 @@ from ...types import (
 )
 from .base import EngineError, EngineRuntimeError, LoadSpec
 from .cpu_threads import THREADS_ENV, default_threads
-from .llamacpp_batch import BatchDecoder, Finished, Job
+from .llamacpp_batch import BatchDecoder
 from .llamacpp_cpu import avoid_amx_weight_buffers
 from .llamacpp_events import no_tokens, text_events
 from .llamacpp_images import ImageCache, PromptImages, drop_partial_images
+from .llamacpp_jobs import Finished, Job
 from .llamacpp_penalties import RecentPenalties
 from .llamacpp_sampling import grammar_for, sampler_chain
 from .llamacpp_slots import common_prefix

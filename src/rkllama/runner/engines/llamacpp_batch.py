@@ -16,67 +16,32 @@ not cached, so multi-turn chats do not re-read their history, also when short si
 With `unified` (the default) the sequences share one KV pool of n_ctx cells instead of a
 stream each, so NUM_PARALLEL sequences cost one context of memory, and when a request starts
 the caches of idle slots are parked in host RAM (llamacpp_parking) so they take neither room
-nor attention time from the running ones. When the pool is full: the caches of idle slots
-leave it first; a prompt then waits for room while other sequences generate; a generating
-sequence that finds no room ends with a clear error (the one started last), and the others go
-on. Never a crash, never a corrupted answer.
+nor attention time from the running ones. When the pool is full, older requests go first:
+the caches of idle slots leave it first; then the running sequence started last is paused (its
+cache parked in host RAM, or evaluated again later when no copy can be kept) until another
+ends; a prompt that still finds no room waits while older sequences generate. Every answer is
+finished whole: never a crash, a cut answer or a corrupted one (a sequence's context never
+exceeds the pool, so the oldest always fits).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from dataclasses import dataclass, field
 
 import llama_cpp
-from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler
+from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
 
-from .llamacpp_images import PromptImages, is_image_token
+from .llamacpp_images import is_image_token
+from .llamacpp_jobs import CANCELLED, LENGTH, STOP, Finished, Job, KvPoolFull
 from .llamacpp_parking import ParkingLot
-from .llamacpp_penalties import RecentPenalties
 from .llamacpp_slots import Slot, SlotCaches, common_prefix, slot_score
 from .llamacpp_vision import Projector, causal_off, image_batch
 
 log = logging.getLogger(__name__)
 
-# What a request's queue receives: sampled token ids, then one Finished (or an Exception).
-LENGTH, STOP, CANCELLED = "length", "stop", "cancelled"
 # llama_decode's "no room in the KV cache for this batch"; the cache is left as it was.
 NO_KV_SLOT = 1
-
-
-class KvPoolFull(RuntimeError):
-    """A generating sequence found no room in the shared KV pool."""
-
-
-@dataclass
-class Finished:
-    reason: str
-
-
-@dataclass
-class Job:
-    """One request's sequence, as the decode thread sees it."""
-
-    prompt: list[int]
-    sampler: LlamaSampler
-    limit: int  # tokens to generate at most (> 0)
-    cancel: threading.Event
-    out: queue.Queue[int | Finished | Exception] = field(default_factory=queue.Queue)
-    # Set by the reader when it stops early (a stop string): the slot is freed at the next step.
-    abandoned: threading.Event = field(default_factory=threading.Event)
-    pending: list[int] = field(default_factory=list)  # tokens to evaluate next
-    n_past: int = 0  # tokens of this sequence already in the cache
-    cached: int = 0  # prompt tokens reused from the slot's cache (set when a slot is assigned)
-    generated: int = 0
-    prompt_done: bool = False
-    # The request's images (their placeholders sit in `prompt`), and the KV position where
-    # the image chunk being evaluated starts.
-    images: PromptImages | None = None
-    image_pos0: int = 0
-    # Repeat/frequency/presence penalties, when they change anything (the chain's first link).
-    penalties: RecentPenalties | None = None
 
 
 def _text_run(pending: list[int], chunk: int) -> list[int]:
@@ -130,6 +95,8 @@ class BatchDecoder:
         lot = ParkingLot(park_bytes) if unified and park_bytes > 0 else None
         self._caches = SlotCaches(self._ctx, self._slots, lot)
         self._clock = 0  # counts jobs started and ended, to age slot caches
+        self._started = 0  # jobs started, to order them (older first when the pool is full)
+        self._ends = 0  # jobs ended: a paused job resumes after one more has ended
         self._waiting: list[Job] = []
         self._lock = threading.Condition()
         self._closed = False
@@ -213,6 +180,8 @@ class BatchDecoder:
             llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
         slot.cached = job.prompt[:reuse]
         self._touch(slot)
+        self._started += 1
+        job.order = self._started
         job.cached, job.n_past = reuse, position
         job.pending = job.prompt[reuse:]
         slot.job = job
@@ -228,6 +197,7 @@ class BatchDecoder:
         assert slot.job is not None
         slot.job.out.put(message)
         slot.job = None
+        self._ends += 1
         self._touch(slot)
 
     def _touch(self, slot: Slot) -> None:
@@ -235,20 +205,30 @@ class BatchDecoder:
         slot.last_used = self._clock
 
     def _step(self, jobs: list[tuple[Slot, Job]]) -> None:
-        """One token for every generating sequence, then one prompt chunk, each one decode."""
-        generating = [(slot, job) for slot, job in jobs if job.prompt_done]
-        prompting = [(slot, job) for slot, job in jobs if not job.prompt_done]
+        """One token for every generating sequence, then one prompt chunk (the oldest
+        request's), each one decode."""
+        self._resume_paused(jobs)
+        generating = [(slot, job) for slot, job in jobs if job.prompt_done and job.paused_at is None]
         if generating:
             self._decode(generating, 1)
+        # After the tokens: a job may have paused to make room for them.
+        prompting = sorted(
+            ((slot, job) for slot, job in jobs if slot.job is job and not job.prompt_done and job.paused_at is None),
+            key=lambda sj: sj[1].order,
+        )
         if prompting:
             # A prompt chunk goes alone, in n_batch pieces as when it runs by itself: mixed
             # with other sequences, llama.cpp splits it unevenly and, deep into a long
             # context, the answer then drifts from the one the request gets alone.
             slot, job = prompting[0]
+            # Older sequences hold cells they will free when they end: then the prompt may wait.
+            others_running = any(
+                s is not slot and s.cached and not s.parked for s, j in self._active() if j.paused_at is None
+            )
             if is_image_token(job.pending[0]):
-                self._decode_image(slot, job, others_running=bool(generating))
+                self._decode_image(slot, job, others_running)
             else:
-                self._decode(prompting[:1], self.n_batch, others_running=bool(generating))
+                self._decode(prompting[:1], self.n_batch, others_running)
 
     def _decode(self, jobs: list[tuple[Slot, Job]], chunk: int, others_running: bool = False) -> None:
         """Evaluate up to `chunk` pending tokens of each job; sample those now complete.
@@ -262,26 +242,73 @@ class BatchDecoder:
             if code != NO_KV_SLOT or not self.unified:
                 self._fail(ordered, f"llama_decode failed with code {code}")
                 return
-            if self._caches.drop_idle():
+            if self._make_room(min(job.order for _, job in ordered)):
+                ordered = [(s, j) for s, j in ordered if j.paused_at is None]
                 continue
-            if chunk > 1:
-                if others_running:
-                    return  # the prompt waits for room: the generating sequences end in time
-                self._fail(ordered, "The shared KV cache pool has no room for this prompt.")
-                return
-            # No room for the next token of every generating sequence: the one started last ends.
-            slot, job = max(ordered, key=lambda sj: sj[0].last_used)
-            log.warning("KV pool full: ending the sequence in slot %d after %d tokens", slot.seq_id, job.generated)
-            self._end(
-                slot,
-                KvPoolFull(
-                    f"The KV cache pool ({self.n_ctx} tokens, shared by NUM_PARALLEL sequences with KV_UNIFIED) "
-                    f"is full: this answer was stopped after {job.generated} tokens. Retry when fewer requests "
-                    "run, or load the model with a larger NUM_CTX."
-                ),
-            )
+            if chunk > 1 and others_running:
+                return  # the prompt waits for room: the older sequences end in time
+            # Nothing newer holds cells, yet the oldest does not fit: its context exceeds the pool.
+            for slot, job in ordered:
+                self._caches.forget(slot)
+                self._end(
+                    slot,
+                    KvPoolFull(
+                        f"The KV cache pool ({self.n_ctx} tokens, shared by NUM_PARALLEL sequences with KV_UNIFIED) "
+                        f"has no room for this request after {job.generated} tokens. Load the model with a "
+                        "larger NUM_CTX, or send a shorter prompt."
+                    ),
+                )
+            return
+
+    def _make_room(self, order: int) -> bool:
+        """Free pool cells for the jobs from `order` on: idle caches first, else pause the
+        newest job started after it that holds cells. True if anything was freed."""
+        if self._caches.drop_idle():
+            return True
+        holders = [
+            (slot, job)
+            for slot, job in self._active()
+            if job.order > order and job.paused_at is None and slot.cached and not slot.parked
+        ]
+        if not holders:
+            return False
+        slot, job = max(holders, key=lambda sj: sj[1].order)
+        job.pause(self._ends, list(slot.cached))
+        parked = self._caches.park_running(slot)
+        if not parked:
             self._caches.forget(slot)
-            ordered = [(s, j) for s, j in ordered if s is not slot]
+        log.warning(
+            "KV pool full: pausing the sequence in slot %d after %d tokens until another ends (%s)",
+            slot.seq_id,
+            job.generated,
+            "its cache parked in host RAM" if parked else "its cache to be evaluated again",
+        )
+        return True
+
+    def _resume_paused(self, jobs: list[tuple[Slot, Job]]) -> None:
+        """Resume, oldest first, the paused jobs for which another job has ended since (or that
+        nothing else runs beside): from their parked cache when it fits back into the pool, else
+        by evaluating their tokens again as a prompt (which waits for room as prompts do)."""
+        paused = sorted(((s, j) for s, j in jobs if j.paused_at is not None), key=lambda sj: sj[1].order)
+        for slot, job in paused:
+            others = any(j.paused_at is None for _, j in jobs)
+            if others and job.paused_at == self._ends:
+                continue
+            if slot.parked and self._unpark(slot, job):
+                job.paused_at, job.paused_tokens = None, []
+                continue
+            if slot.parked and others:  # no room yet: wait for the next end
+                job.paused_at = self._ends
+                continue
+            self._caches.forget(slot)
+            job.evaluate_again()
+
+    def _unpark(self, slot: Slot, job: Job) -> bool:
+        """Bring a paused job's parked cache back into the pool, pausing newer jobs for room."""
+        while not self._caches.unpark_running(slot):
+            if not slot.parked or not self._make_room(job.order):
+                return False
+        return True
 
     def _try_decode(self, jobs: list[tuple[Slot, Job]], chunk: int) -> int:
         """One llama_decode over the jobs' next tokens; the jobs move on only when it succeeds
@@ -352,7 +379,7 @@ class BatchDecoder:
         with causal_off(self._ctx.ctx, self._projector.non_causal):
             code = llama_cpp.llama_decode(self._ctx.ctx, piece.batch)
         if code != 0:
-            if code == NO_KV_SLOT and self.unified and (self._caches.drop_idle() or others_running):
+            if code == NO_KV_SLOT and self.unified and (self._make_room(job.order) or others_running):
                 return  # retried at the next step, once there is room
             self._fail([(slot, job)], f"llama_decode failed with code {code} on an image")
             return

@@ -131,15 +131,38 @@ class SlotCaches:
             self.forget(slot)
         return bool(idle)
 
+    def park_running(self, slot: Slot) -> bool:
+        """Move a paused running slot's cache out of a shared pool into host RAM, to make room
+        for older sequences (the pool cells are freed). False if there is no parking lot or
+        the copy does not fit its budget; the cache is then left in the pool."""
+        if self._lot is None or not self._lot.park(self._ctx.ctx, slot.seq_id, slot.seq_id):
+            return False
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+        slot.parked = True
+        return True
+
+    def unpark_running(self, slot: Slot) -> bool:
+        """Bring a paused slot's parked cache back into the pool, after moving idle caches out.
+        False if there is no room yet (it stays parked) or its copy is gone (it is forgotten)."""
+        self.park_idle(keep=slot)
+        return slot.parked and self._restore_own(slot)
+
+    def _restore_own(self, slot: Slot) -> bool:
+        assert self._lot is not None
+        if not self._lot.holds(slot.seq_id):
+            self._forget_parked(slot)
+            return False
+        if not self._lot.restore(self._ctx.ctx, slot.seq_id, slot.seq_id):
+            return False
+        self._lot.drop(slot.seq_id)
+        slot.parked = False
+        return True
+
     def _unpark(self, slot: Slot) -> None:
         """Bring the slot's parked cache back into the pool (or forget it if there is no room)."""
         if not slot.parked:
             return
-        assert self._lot is not None
-        if self._lot.restore(self._ctx.ctx, slot.seq_id, slot.seq_id):
-            self._lot.drop(slot.seq_id)
-            slot.parked = False
-        else:
+        if not self._restore_own(slot):
             self.forget(slot)
 
     def _forget_parked(self, slot: Slot) -> None:
