@@ -221,3 +221,28 @@ def test_batched_repeat_penalties_give_the_answers_of_llama_cpps_own_sampler(sta
     penalised = answer(server, 1.5)
     assert penalised == answer(single, 1.5)
     assert penalised != answer(server, 1.0)  # the penalty did change the answer
+
+
+def test_batched_json_schema_answers_are_those_of_llama_cpps_own_grammar_sampler(start_server):
+    """The batch decoder checks the chain's pick against the grammar and constrains the whole
+    vocabulary only when the pick is refused (llamacpp_grammar.py); NUM_PARALLEL=1 samples
+    through llama-cpp-python's chain, the grammar first: the greedy answers are the same. The
+    model's own first pick here (prose) is refused, so both ways of sampling are exercised.
+    The batched server has a KV stream per sequence, so its greedy answer does not depend on
+    what earlier tests left cached (in one pool it may, in the last bits)."""
+    single = start_server(env={"RKLLAMA_NUM_PARALLEL": "1"})
+    server = start_server(env={"RKLLAMA_KV_UNIFIED": "0"})
+    schema = {
+        "type": "object",
+        "properties": {"fruits": {"type": "array", "items": {"type": "string"}}, "count": {"type": "integer"}},
+        "required": ["fruits", "count"],
+    }
+
+    def answer(srv) -> str:
+        client = ollama.Client(host=srv.base_url, timeout=120)
+        options = {"num_predict": 60, "temperature": 0}
+        return client.generate(model=MODEL, prompt="Name some fruits.", format=schema, options=options).response
+
+    batched = answer(server)
+    assert batched == answer(single)
+    assert batched.startswith('{"fruits"') or batched.startswith('{ "fruits"'), batched

@@ -6,8 +6,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from llama_cpp._internals import LlamaSampler
-
+from .llamacpp_grammar import TokenSampler
 from .llamacpp_images import PromptImages
 from .llamacpp_penalties import RecentPenalties
 
@@ -29,7 +28,7 @@ class Job:
     """One request's sequence, as the decode thread sees it."""
 
     prompt: list[int]
-    sampler: LlamaSampler
+    sampler: TokenSampler
     limit: int  # tokens to generate at most (> 0)
     cancel: threading.Event
     out: queue.Queue[int | Finished | Exception] = field(default_factory=queue.Queue)

@@ -13,6 +13,7 @@ from llama_cpp.llama_grammar import JSON_GBNF
 
 from ...types import GenerateRequest, SamplingOptions
 from .base import EngineError
+from .llamacpp_grammar import GrammarSampler, TokenSampler
 
 
 def tool_call_schema(tools: list[dict[str, Any]], choice: str) -> dict[str, Any]:
@@ -53,12 +54,12 @@ def grammar_for(request: GenerateRequest) -> LlamaGrammar | None:
     return None
 
 
-def sampler_chain(model: LlamaModel, options: SamplingOptions, grammar: LlamaGrammar | None, seed: int) -> LlamaSampler:
+def sampler_chain(model: LlamaModel, options: SamplingOptions, grammar: LlamaGrammar | None, seed: int) -> TokenSampler:
     """The chain `Llama.generate` builds, so NUM_PARALLEL does not change what is sampled; its
-    first link, the penalties, is applied to the logits before (llamacpp_penalties.py)."""
+    first link, the penalties, is applied to the logits before (llamacpp_penalties.py). A
+    grammar checks the chain's pick instead of leading it (llamacpp_grammar.py): the same greedy
+    answers, for far less work a token."""
     sampler = LlamaSampler()
-    if grammar is not None:
-        sampler.add_grammar(model, grammar)
     temperature = options.temperature
     if temperature < 0.0:
         sampler.add_dist(seed)
@@ -71,4 +72,8 @@ def sampler_chain(model: LlamaModel, options: SamplingOptions, grammar: LlamaGra
         sampler.add_min_p(options.min_p, 1)
         sampler.add_temp(temperature)
         sampler.add_dist(seed)
-    return sampler
+    if grammar is None:
+        return sampler
+    constraint = LlamaSampler()
+    constraint.add_grammar(model, grammar)
+    return GrammarSampler(sampler, constraint, model.n_vocab())
