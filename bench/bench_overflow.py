@@ -104,7 +104,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=700, help="tokens each answer asks for")
-    parser.add_argument("--words", type=int, default=450, help="codes in each prompt (~3 tokens each)")
+    parser.add_argument("--words", type=int, default=450, help="codes in each prompt (~4 tokens each)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--llama-server", type=Path, default=ROOT / "bench" / "work" / "llama-server")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
@@ -137,7 +137,7 @@ def main() -> int:
         [
             f"### KV pool overflow, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
             f"{os.cpu_count()} cores, threads={args.threads}, {args.streams} requests at once, "
-            f"~{args.words * 3}-token prompts, {args.tokens} tokens each, pool of 4096 cells for {SLOTS} sequences",
+            f"~{args.words * 4}-token prompts, {args.tokens} tokens each, pool of 4096 cells for {SLOTS} sequences",
             "",
             f"`{command}`",
             "",

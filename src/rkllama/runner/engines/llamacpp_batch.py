@@ -36,6 +36,7 @@ from .llamacpp_images import is_image_token
 from .llamacpp_jobs import CANCELLED, LENGTH, STOP, Finished, Job, KvPoolFull
 from .llamacpp_parking import ParkingLot
 from .llamacpp_slots import Slot, SlotCaches, common_prefix, slot_score
+from .llamacpp_threads import StepThreads
 from .llamacpp_vision import Projector, causal_off, image_batch
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class BatchDecoder:
         params.n_threads_batch = n_threads
         params.no_perf = True
         self._ctx = LlamaContext(model=model, params=params, verbose=False)
+        self._step_threads = StepThreads(n_threads)
         self._batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self._projector = projector
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
@@ -210,7 +212,7 @@ class BatchDecoder:
         self._resume_paused(jobs)
         generating = [(slot, job) for slot, job in jobs if job.prompt_done and job.paused_at is None]
         if generating:
-            self._decode(generating, 1)
+            self._step_threads.run(self._ctx.ctx, len(generating), lambda: self._decode(generating, 1))
         # After the tokens: a job may have paused to make room for them.
         prompting = sorted(
             ((slot, job) for slot, job in jobs if slot.job is job and not job.prompt_done and job.paused_at is None),
