@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from rkllama.runner.engines.cpu_threads import apply_wait_policy  # noqa: E402
 
-apply_wait_policy()  # before llama.cpp (and its OpenMP) loads, as in the runner
+apply_wait_policy(batched=True)  # before llama.cpp (and its OpenMP) loads, as in the runner
 
 import llama_cpp  # noqa: E402
 from llama_cpp._internals import LlamaModel  # noqa: E402

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..types import EmbedRequest, GenerateRequest, TokenEvent
 from .engines.base import Engine, EngineError, LoadSpec
-from .engines.cpu_threads import apply_wait_policy
+from .engines.cpu_threads import apply_wait_policy, batch_decoding
 from .engines.factory import create_engine
 from .protocol import decode, encode
 
@@ -172,8 +172,9 @@ def serve(conn: Connection) -> int:
         return 2
     try:
         # Before the engine loads llama.cpp: OpenMP reads its wait policy once, at load.
-        wait_policy = apply_wait_policy()
-        engine = create_engine(LoadSpec(**first["spec"]))
+        spec = LoadSpec(**first["spec"])
+        wait_policy = apply_wait_policy(batch_decoding(spec))
+        engine = create_engine(spec)
     except Exception as exc:
         message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
         conn.send({"op": "load_error", "message": message})

@@ -10,35 +10,46 @@ Sleeping at once (OMP_WAIT_POLICY=passive) survives that but costs a wake-up per
 on a quiet machine decode fell to 0.38x llama-server. So by default the runner lets a waiting
 thread spin only briefly (GOMP_SPINCOUNT=300) and then sleep: measured on a quiet 2-core VM,
 121 tok/s (llama-server 117-130) and, with one busy process, 46 tok/s (llama-server 33-40).
-See docs/performance.md and bench/RESULTS.md.
+On a VM whose idle cores wake slowly the brief wait cost more (16-55 tok/s against 88 with
+spinning, 2026-12-06). So where the batch decoder runs (a GGUF with NUM_PARALLEL > 1), which
+measures its steps and drops to one thread, without barriers, when two are slower
+(llamacpp_threads), the default `auto` lets threads spin (GOMP_SPINCOUNT=300000, libgomp's own
+default): fast on a quiet machine, and one thread beside a busy process. A runner that decodes
+one request at a time keeps the brief wait. See docs/performance.md and bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import os
 
-from .base import EngineError
+from ...context_size import DEFAULT_PARALLEL
+from .base import EngineError, LoadSpec
 
-# RKLLAMA_WAIT_POLICY: "brief" (spin ~300 rounds, then sleep: the default), "passive" (sleep at
+# RKLLAMA_WAIT_POLICY: "auto" (the default: "spin" for the batch decoder, else "brief"), "brief"
+# (spin ~300 rounds, then sleep), "spin" (spin 300000 rounds, then sleep), "passive" (sleep at
 # once) or "active" (spin without end, also while idle). The user's own OMP_WAIT_POLICY or
-# GOMP_SPINCOUNT wins over all three.
+# GOMP_SPINCOUNT wins over all of them.
 WAIT_POLICY_ENV = "RKLLAMA_WAIT_POLICY"
 THREADS_ENV = "RKLLAMA_NUM_THREAD"
-DEFAULT_WAIT_POLICY = "brief"
-WAIT_POLICIES = {"brief", "passive", "active"}
-BRIEF_SPIN_COUNT = "300"
+DEFAULT_WAIT_POLICY = "auto"
+WAIT_POLICIES = {"auto", "brief", "spin", "passive", "active"}
+SPIN_COUNTS = {"brief": "300", "spin": "300000"}
 
 
-def apply_wait_policy(environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
+def apply_wait_policy(batched: bool, environ: os._Environ[str] | dict[str, str] = os.environ) -> str:
     """Set OpenMP's wait policy in this process; call before llama.cpp is loaded (OpenMP
-    reads it once, when its library loads). Returns the policy in force, for the log."""
+    reads it once, when its library loads). `batched`: the runner will use the batch decoder,
+    whose step-thread choice makes spinning safe. Returns the policy in force, for the log."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return describe_wait_policy(environ)
     policy = (environ.get(WAIT_POLICY_ENV) or DEFAULT_WAIT_POLICY).strip().lower()
     if policy not in WAIT_POLICIES:
-        raise EngineError(f"{WAIT_POLICY_ENV} must be 'brief', 'passive' or 'active', got {policy!r}.")
-    if policy == "brief":
-        environ["GOMP_SPINCOUNT"] = BRIEF_SPIN_COUNT
+        names = ", ".join(f"'{name}'" for name in sorted(WAIT_POLICIES))
+        raise EngineError(f"{WAIT_POLICY_ENV} must be one of {names}, got {policy!r}.")
+    if policy == "auto":
+        policy = "spin" if batched else "brief"
+    if policy in SPIN_COUNTS:
+        environ["GOMP_SPINCOUNT"] = SPIN_COUNTS[policy]
     else:
         environ["OMP_WAIT_POLICY"] = policy
     return describe_wait_policy(environ)
@@ -56,3 +67,20 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def batch_decoding(spec: LoadSpec) -> bool:
+    """Whether a runner for `spec` will use the batch decoder (a GGUF with NUM_PARALLEL > 1),
+    read before llama.cpp loads; a bad value is refused by the engine itself."""
+    if spec.format != "gguf":
+        return False
+    value = (
+        spec.overrides.get("num_parallel")
+        or spec.modelfile.get("NUM_PARALLEL")
+        or os.environ.get("RKLLAMA_NUM_PARALLEL")
+        or DEFAULT_PARALLEL
+    )
+    try:
+        return int(value) > 1
+    except (TypeError, ValueError):
+        return False

@@ -230,7 +230,8 @@ class BatchDecoder:
             if is_image_token(job.pending[0]):
                 self._decode_image(slot, job, others_running)
             else:
-                self._decode(prompting[:1], self.n_batch, others_running)
+                chunk = prompting[:1]
+                self._step_threads.run_chunk(self._ctx.ctx, lambda: self._decode(chunk, self.n_batch, others_running))
 
     def _decode(self, jobs: list[tuple[Slot, Job]], chunk: int, others_running: bool = False) -> None:
         """Evaluate up to `chunk` pending tokens of each job; sample those now complete.

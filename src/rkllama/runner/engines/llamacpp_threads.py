@@ -5,10 +5,12 @@ where llama.cpp's threads meet. Whether a second thread pays depends on the mach
 model: with the runner's brief OpenMP wait (docs/performance.md) a thread that reaches a barrier
 first sleeps, and waking it is cheap on some machines and costly on others (measured on a 2-core
 VM whose idle cores wake slowly: 16 tok/s with 2 threads, 48 with 1; on another VM 2 threads were
-at par with llama-server). So the decode thread measures: it runs with its configured threads,
-now and then times a step with the other count, and keeps the faster. Probes that lose come ever
-more rarely (up to every 512 steps), so a wrong probe costs little. Prompt chunks, where compute
-outweighs the barriers, always use every configured thread.
+at par with llama-server). And beside a busy process two spinning threads lose to one, which
+has no barriers (measured: 19-24 tok/s against 48-52). So the decode thread measures: it runs
+with its configured threads, now and then times a step with the other count, and keeps the
+faster. Probes that lose come ever more rarely (up to every 512 steps), so a wrong probe costs
+little; a step far slower than usual (a busy neighbour arrived) brings the next probe at once.
+Prompt chunks use the count generating steps use: one thread only when two were slower.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LONGEST_INTERVAL = 512
 PROBE_STEPS = 2  # the probe's first step warms up; its last is the one timed
 SWITCH_GAIN = 0.9  # the other count must take at most this share of the current one's time
 SMOOTHING = 0.2
+SLOWDOWN = 3.0  # a step this many times slower than usual probes the other count at once
 
 
 class StepThreads:
@@ -49,6 +52,17 @@ class StepThreads:
             llama_cpp.llama_set_n_threads(ctx, self.configured, self.configured)
         self.record(threads, sequences, time.perf_counter() - started)
 
+    def run_chunk(self, ctx: llama_cpp.llama_context_p, chunk: Callable[[], None]) -> None:
+        """Run a prompt chunk with the thread count generating steps use."""
+        if self.current == self.configured:
+            chunk()
+            return
+        llama_cpp.llama_set_n_threads(ctx, self.current, self.current)
+        try:
+            chunk()
+        finally:
+            llama_cpp.llama_set_n_threads(ctx, self.configured, self.configured)
+
     def for_step(self) -> int:
         """Threads for the next generating step."""
         if self.configured == 1:
@@ -69,7 +83,12 @@ class StepThreads:
         self._until_probe -= 1
         key = (threads, sequences)
         before = self._seconds.get(key)
-        self._seconds[key] = seconds if before is None else before + SMOOTHING * (seconds - before)
+        if before is None or seconds > SLOWDOWN * before:
+            # The machine changed (or this is the first such step): compare the probe with now.
+            self._seconds[key] = seconds
+            self._until_probe = 0 if before is not None else self._until_probe
+            return
+        self._seconds[key] = before + SMOOTHING * (seconds - before)
 
     def _decide(self, sequences: int, probe_seconds: float) -> None:
         usual = self._seconds.get((self.current, sequences))
