@@ -1,20 +1,18 @@
 """Continuous batching for the llama.cpp engine: several requests decode in one batch.
 
-One llama context holds `n_parallel` sequences, by default all in one KV pool of n_ctx cells
-(like llama-server's default slots, `-kvu`), or each in a stream of its own (KV_UNIFIED=0).
-A decode thread loops: it gathers the generating sequences' last sampled tokens, runs ONE
-`llama_decode` over all of them, samples each sequence with its own sampler chain, and hands
-each request its token through a queue that the request's own thread reads.
-Each step decodes one token of every generating sequence in one batch, then at most one
-prompt chunk of n_batch tokens, so a long prompt never stalls the others for more than a chunk.
+A decode thread loops: it runs ONE `llama_decode` over the generating sequences' last sampled
+tokens, samples each with its own sampler chain, and hands each request its token through a
+queue that the request's own thread reads; then it decodes at most one prompt chunk of n_batch
+tokens, so a long prompt never stalls the others for more than a chunk.
 
 Each slot remembers the tokens in its part of the cache; a new request takes the free slot
 where it gains the most and destroys the least (see `slot_score`) and evaluates only what is
 not cached, so multi-turn chats do not re-read their history, also when short side tasks
 (titles, tags) arrive beside them.
 
-With `unified` (the default) the sequences share one KV pool of n_ctx cells instead of a
-stream each, so NUM_PARALLEL sequences cost one context of memory, and when a request starts
+With `unified` (the default, as llama-server's `-kvu` slots) the sequences share one KV pool
+of n_ctx cells instead of a stream each (KV_UNIFIED=0), so NUM_PARALLEL sequences cost one
+context of memory, and when a request starts
 the caches of idle slots are parked in host RAM (llamacpp_parking) so they take neither room
 nor attention time from the running ones. When the pool is full, older requests go first:
 the caches of idle slots leave it first; then the running sequence started last is paused (its
