@@ -11,11 +11,11 @@ on a quiet machine decode fell to 0.38x llama-server. So by default the runner l
 thread spin only briefly (GOMP_SPINCOUNT=300) and then sleep: measured on a quiet 2-core VM,
 121 tok/s (llama-server 117-130) and, with one busy process, 46 tok/s (llama-server 33-40).
 On a VM whose idle cores wake slowly the brief wait cost more (16-55 tok/s against 88 with
-spinning, 2026-12-06). So where the batch decoder runs (a GGUF with NUM_PARALLEL > 1), which
-measures its steps and drops to one thread, without barriers, when two are slower
-(llamacpp_threads), the default `auto` lets threads spin (GOMP_SPINCOUNT=300000, libgomp's own
-default): fast on a quiet machine, and one thread beside a busy process. A runner that decodes
-one request at a time keeps the brief wait. See docs/performance.md and bench/RESULTS.md.
+spinning, 2026-12-06); there the batch decoder's step-thread choice (llamacpp_threads) recovers
+part of it by dropping to one thread. `auto` (opt-in) lets the batch decoder's threads spin
+(GOMP_SPINCOUNT=300000, libgomp's own default): at par with llama-server on a quiet machine and
+ahead beside one busy process, but behind beside two (0.68x, 2026-12-06), so it is not the
+default. See docs/performance.md and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import os
 from ...context_size import DEFAULT_PARALLEL
 from .base import EngineError, LoadSpec
 
-# RKLLAMA_WAIT_POLICY: "auto" (the default: "spin" for the batch decoder, else "brief"), "brief"
-# (spin ~300 rounds, then sleep), "spin" (spin 300000 rounds, then sleep), "passive" (sleep at
+# RKLLAMA_WAIT_POLICY: "brief" (the default: spin ~300 rounds, then sleep), "auto" ("spin" for
+# the batch decoder, else "brief"), "spin" (spin 300000 rounds, then sleep), "passive" (sleep at
 # once) or "active" (spin without end, also while idle). The user's own OMP_WAIT_POLICY or
 # GOMP_SPINCOUNT wins over all of them.
 WAIT_POLICY_ENV = "RKLLAMA_WAIT_POLICY"
 THREADS_ENV = "RKLLAMA_NUM_THREAD"
-DEFAULT_WAIT_POLICY = "auto"
+DEFAULT_WAIT_POLICY = "brief"
 WAIT_POLICIES = {"auto", "brief", "spin", "passive", "active"}
 SPIN_COUNTS = {"brief": "300", "spin": "300000"}
 
