@@ -69,11 +69,9 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def batch_decoding(spec: LoadSpec) -> bool:
-    """Whether a runner for `spec` will use the batch decoder (a GGUF with NUM_PARALLEL > 1),
-    read before llama.cpp loads; a bad value is refused by the engine itself."""
-    if spec.format != "gguf":
-        return False
+def parallel_setting(spec: LoadSpec) -> int:
+    """NUM_PARALLEL of a llama.cpp model: the load's num_parallel, else the Modelfile's, else
+    RKLLAMA_NUM_PARALLEL, else the default (EngineError if it is not an integer)."""
     value = (
         spec.overrides.get("num_parallel")
         or spec.modelfile.get("NUM_PARALLEL")
@@ -81,6 +79,15 @@ def batch_decoding(spec: LoadSpec) -> bool:
         or DEFAULT_PARALLEL
     )
     try:
-        return int(value) > 1
+        return int(value)
     except (TypeError, ValueError):
+        raise EngineError(f"NUM_PARALLEL must be an integer, got {value!r}.") from None
+
+
+def batch_decoding(spec: LoadSpec) -> bool:
+    """Whether a runner for `spec` will use the batch decoder (a GGUF with NUM_PARALLEL > 1),
+    read before llama.cpp loads; a bad value is refused by the engine itself."""
+    try:
+        return spec.format == "gguf" and parallel_setting(spec) > 1
+    except EngineError:
         return False

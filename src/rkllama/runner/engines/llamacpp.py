@@ -38,7 +38,7 @@ from ...types import (
     Usage,
 )
 from .base import EngineError, EngineRuntimeError, LoadSpec
-from .cpu_threads import THREADS_ENV, default_threads
+from .cpu_threads import THREADS_ENV, default_threads, parallel_setting
 from .llamacpp_batch import BatchDecoder
 from .llamacpp_cpu import avoid_amx_weight_buffers
 from .llamacpp_events import no_tokens, text_events
@@ -60,7 +60,6 @@ BUILTIN_DEFAULTS = SamplingOptions(
     frequency_penalty=0.0,
 )
 DEFAULT_CONTEXT = 4096
-DEFAULT_PARALLEL = 4
 
 
 def _int_setting(spec: LoadSpec, override: str, modelfile_key: str, default: int | str) -> int:
@@ -86,8 +85,7 @@ class LlamaCppEngine:
         if threads < 1:
             raise EngineError(f"NUM_THREAD must be at least 1, got {threads}.")
         self.n_threads = threads
-        env_parallel = os.environ.get("RKLLAMA_NUM_PARALLEL") or DEFAULT_PARALLEL
-        self.n_parallel = _int_setting(spec, "num_parallel", "NUM_PARALLEL", env_parallel)
+        self.n_parallel = parallel_setting(spec)
         if not 1 <= self.n_parallel <= llama_cpp.llama_max_parallel_sequences():
             raise EngineError(
                 f"NUM_PARALLEL must be between 1 and {llama_cpp.llama_max_parallel_sequences()}, got {self.n_parallel}."
