@@ -44,22 +44,22 @@ class StepThreads:
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
         """Run a generating step of `sequences` tokens with the chosen threads, and time it."""
         threads = self.for_step()
-        llama_cpp.llama_set_n_threads(ctx, threads, threads)
         started = time.perf_counter()
-        try:
-            step()
-        finally:
-            llama_cpp.llama_set_n_threads(ctx, self.configured, self.configured)
+        self._with_threads(ctx, threads, step)
         self.record(threads, sequences, time.perf_counter() - started)
 
     def run_chunk(self, ctx: llama_cpp.llama_context_p, chunk: Callable[[], None]) -> None:
         """Run a prompt chunk with the thread count generating steps use."""
-        if self.current == self.configured:
-            chunk()
+        self._with_threads(ctx, self.current, chunk)
+
+    def _with_threads(self, ctx: llama_cpp.llama_context_p, threads: int, work: Callable[[], None]) -> None:
+        """Run `work` with `threads`; the context keeps the configured count otherwise."""
+        if threads == self.configured:
+            work()
             return
-        llama_cpp.llama_set_n_threads(ctx, self.current, self.current)
+        llama_cpp.llama_set_n_threads(ctx, threads, threads)
         try:
-            chunk()
+            work()
         finally:
             llama_cpp.llama_set_n_threads(ctx, self.configured, self.configured)
 
