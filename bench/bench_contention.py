@@ -44,8 +44,8 @@ from bench_server import (  # noqa: E402
     children,
     install_default_model,
     llama_server,
-    record,
     render_chat,
+    report,
     serving,
 )
 
@@ -283,9 +283,7 @@ def main() -> int:
     for busy in busy_counts:
         lines += [*table(contenders, busy), ""]
     text = "\n".join(lines)
-    print(text)
-    if args.record:
-        record(text)
+    report(text, args.record)
     return 0
 
 

@@ -48,7 +48,7 @@ from bench_server import (  # noqa: E402
     ROOT,
     children,
     llama_server,
-    record,
+    report,
     rkllama_server,
     stream_llama_server,
     stream_rkllama,
@@ -203,9 +203,7 @@ def main() -> int:
         f"(median, interleaved), {SLOTS} sequences each\n\n`{command}`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
-    print(table)
-    if args.record:
-        record(table)
+    report(table, args.record)
     return 0
 
 

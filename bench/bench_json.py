@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from bench_server import ROOT, decode_rate, llama_server, record, rkllama_server  # noqa: E402
+from bench_server import ROOT, decode_rate, llama_server, report, rkllama_server  # noqa: E402
 from rkllama.store.default_model import DEFAULT_MODEL_NAME, install_default_model  # noqa: E402
 from rkllama.store.models_dir import ModelStore  # noqa: E402
 
@@ -103,9 +103,7 @@ def main() -> int:
             "",
         ]
     )
-    print(text)
-    if args.record:
-        record(text)
+    report(text, args.record)
     return 0
 
 

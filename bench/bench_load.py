@@ -40,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from bench_server import ROOT, llama_server, record, rkllama_server  # noqa: E402
+from bench_server import ROOT, llama_server, report, rkllama_server  # noqa: E402
 from rkllama.store.default_model import DEFAULT_MODEL_NAME, install_default_model  # noqa: E402
 from rkllama.store.models_dir import ModelStore  # noqa: E402
 
@@ -259,9 +259,7 @@ def main() -> int:
         f"`{command}`\n"
     )
     table = header + "\n" + "\n".join([*lines, "", *rows] if lines else rows) + "\n"
-    print(table)
-    if args.record:
-        record(table)
+    report(table, args.record)
     return 0
 
 

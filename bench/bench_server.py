@@ -348,9 +348,7 @@ def main() -> int:
         f"threads={args.threads}, tokens={args.tokens}, runs={args.runs} (median, interleaved)\n\n`{command}`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
-    print(table)
-    if args.record:
-        record(table)
+    report(table, args.record)
     return 0
 
 
@@ -358,6 +356,13 @@ def record(text: str) -> None:
     """Append a bench's results to bench/RESULTS.md."""
     with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
         results.write("\n" + text)
+
+
+def report(text: str, save: bool) -> None:
+    """Print a bench's results, and append them to bench/RESULTS.md when `save` (--record)."""
+    print(text)
+    if save:
+        record(text)
 
 
 if __name__ == "__main__":

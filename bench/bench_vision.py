@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import ROOT, free_port, record, serving  # noqa: E402
+from bench_server import ROOT, free_port, report, serving  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 from rkllama.runner.engines.llamacpp_cpu import avoid_amx_weight_buffers, cpu_has_amx  # noqa: E402
@@ -320,9 +320,7 @@ def main() -> int:
         f"a fresh {WIDTH}x{HEIGHT} noise PNG per request, streamed /v1/chat/completions, max_tokens 1, temperature 0.\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
-    print(table)
-    if args.record:
-        record(table)
+    report(table, args.record)
     return 0
 
 
