@@ -30,14 +30,14 @@ def test_num_thread_from_the_modelfile_or_the_environment_is_reported_by_api_ps(
         bad = client.post("/load_model", json={"model_name": "bad"})
         assert bad.status_code == 400
         assert "NUM_THREAD must be at least 1, got 0" in bad.json()["error"]
+    # The default wait: brief for a one-at-a-time runner, spinning for the batch decoder's.
     assert "llama.cpp engine: 1 threads, GOMP_SPINCOUNT=300\n" in srv.log()
-    assert "llama.cpp engine: 3 threads, GOMP_SPINCOUNT=300\n" in srv.log()
+    assert "llama.cpp engine: 3 threads, GOMP_SPINCOUNT=300000\n" in srv.log()
 
 
 def test_wait_policy_from_the_environment_reaches_the_runner_and_a_bad_one_is_refused(start_server, tmp_path):
-    # auto: the batch decoder's runner spins (it can drop to one thread), a one-at-a-time one not.
-    auto = start_server(env={"RKLLAMA_WAIT_POLICY": "auto"})
-    assert "threads, GOMP_SPINCOUNT=300000\n" in auto.log()
+    brief = start_server(env={"RKLLAMA_WAIT_POLICY": "brief"})
+    assert "threads, GOMP_SPINCOUNT=300\n" in brief.log()
     active = start_server(env={"RKLLAMA_WAIT_POLICY": "active"})
     assert "threads, OMP_WAIT_POLICY=active" in active.log()
     passive = start_server(env={"RKLLAMA_WAIT_POLICY": "passive"})

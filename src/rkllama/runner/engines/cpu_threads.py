@@ -7,15 +7,17 @@ microseconds, so spinning is free; when another process holds a core, the partne
 for the CPU while the spinner burns the time it needs: measured here, each compute thread
 used ~190 ms of CPU per token instead of ~7 ms, and decode fell from ~150 to under 2 tok/s.
 Sleeping at once (OMP_WAIT_POLICY=passive) survives that but costs a wake-up per barrier:
-on a quiet machine decode fell to 0.38x llama-server. So by default the runner lets a waiting
-thread spin only briefly (GOMP_SPINCOUNT=300) and then sleep: measured on a quiet 2-core VM,
-121 tok/s (llama-server 117-130) and, with one busy process, 46 tok/s (llama-server 33-40).
-On a VM whose idle cores wake slowly the brief wait cost more (16-55 tok/s against 88 with
-spinning, 2026-12-06); there the batch decoder's step-thread choice (llamacpp_threads) recovers
-part of it by dropping to one thread. `auto` (opt-in) lets the batch decoder's threads spin
-(GOMP_SPINCOUNT=300000, libgomp's own default): at par with llama-server on a quiet machine and
-ahead beside one busy process, but behind beside two (0.68x, 2026-12-06), so it is not the
-default. See docs/performance.md and bench/RESULTS.md.
+on a quiet machine decode fell to 0.38x llama-server. The brief wait (GOMP_SPINCOUNT=300: spin
+a little, then sleep) measured 121 tok/s on a quiet 2-core VM (llama-server 117-130) and, with
+one busy process, 46 tok/s (llama-server 33-40). On a VM whose idle cores wake slowly the brief
+wait cost much more (16-55 tok/s against 88 with spinning, 2026-12-06). So the default, `auto`,
+lets the batch decoder's threads spin (GOMP_SPINCOUNT=300000, libgomp's own default, as
+llama-server runs) and relies on its
+step-thread choice (llamacpp_threads) to drop to one thread, which has no barriers, beside a
+busy neighbour: measured 0.95x llama-server quiet, 1.76x beside one busy process and 2.68x
+beside two (2026-12-06 23:38). A one-at-a-time runner (NUM_PARALLEL=1, llama-cpp-python's own
+loop, no step-thread choice) keeps the brief wait. See docs/performance.md and
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import os
 from ...context_size import DEFAULT_PARALLEL
 from .base import EngineError, LoadSpec
 
-# RKLLAMA_WAIT_POLICY: "brief" (the default: spin ~300 rounds, then sleep), "auto" ("spin" for
-# the batch decoder, else "brief"), "spin" (spin 300000 rounds, then sleep), "passive" (sleep at
+# RKLLAMA_WAIT_POLICY: "auto" (the default: "spin" for the batch decoder, else "brief"), "brief"
+# (spin ~300 rounds, then sleep), "spin" (spin 300000 rounds, then sleep), "passive" (sleep at
 # once) or "active" (spin without end, also while idle). The user's own OMP_WAIT_POLICY or
 # GOMP_SPINCOUNT wins over all of them.
 WAIT_POLICY_ENV = "RKLLAMA_WAIT_POLICY"
 THREADS_ENV = "RKLLAMA_NUM_THREAD"
-DEFAULT_WAIT_POLICY = "brief"
+DEFAULT_WAIT_POLICY = "auto"
 WAIT_POLICIES = {"auto", "brief", "spin", "passive", "active"}
 SPIN_COUNTS = {"brief": "300", "spin": "300000"}
 

@@ -1,34 +1,44 @@
 """How many threads a generating step uses, chosen by measured speed.
 
 Generating steps are small: a few hundred operations on a few tokens, each ended by a barrier
-where llama.cpp's threads meet. Whether a second thread pays depends on the machine, not on the
-model: with the runner's brief OpenMP wait (docs/performance.md) a thread that reaches a barrier
-first sleeps, and waking it is cheap on some machines and costly on others (measured on a 2-core
-VM whose idle cores wake slowly: 16 tok/s with 2 threads, 48 with 1; on another VM 2 threads were
-at par with llama-server). And beside a busy process two spinning threads lose to one, which
-has no barriers (measured: 19-24 tok/s against 48-52). So the decode thread measures: it runs
-with its configured threads, now and then times a step with the other count, and keeps the
-faster. Probes that lose come ever more rarely (up to every 512 steps), so a wrong probe costs
-little; a step far slower than usual (a busy neighbour arrived) brings the next probe at once.
-Prompt chunks use the count generating steps use: one thread only when two were slower.
+where llama.cpp's threads meet. Whether a second thread pays depends on the machine and on
+what else runs, not on the model: on a quiet machine two spinning threads decode ~2x faster
+than one; beside one or two busy processes a thread that waits at a barrier for a partner the
+kernel has descheduled wastes its core, and one thread (no barriers) wins (measured here: 85
+tok/s against 13-45 with two threads beside one busy process). So the decode thread measures:
+it runs with the configured threads, now and then runs a few steps with the other count, and
+keeps the faster.
+
+Under contention two-thread steps are bimodal (most take 10-30 ms, some over a second), so one
+lucky step proves nothing. Steps are compared by their mean over a window, a probe ends at its
+first step far slower than usual (a lost probe costs one step), and probes that lose come ever
+more rarely (up to every 512 steps). A step far slower than the recent mean (a busy neighbour
+arrived) brings the next probe at once. Prompt chunks use the count generating steps use.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 
 import llama_cpp
 
 log = logging.getLogger(__name__)
 
-FIRST_PROBE = 16  # steps before the first probe, and after a switch
+FIRST_PROBE = 16  # steps before the first probe
 LONGEST_INTERVAL = 512
-PROBE_STEPS = 2  # the probe's first step warms up; its last is the one timed
-SWITCH_GAIN = 0.9  # the other count must take at most this share of the current one's time
-SMOOTHING = 0.2
-SLOWDOWN = 3.0  # a step this many times slower than usual probes the other count at once
+# With fewer threads than configured, nothing in the steps' times shows that the neighbour has
+# gone (one thread is as fast then as before), so probes keep coming at least this often.
+LONGEST_INTERVAL_REDUCED = 128
+PROBE_STEPS = 6  # timed probe steps, after one warm-up step (it may wake a sleeping thread)
+WINDOW = 8  # recent steps of the current count whose mean is "usual"
+SWITCH_GAIN = 0.9  # the probe's mean must be at most this share of the usual mean
+ABORT_FACTOR = 2.0  # a probe step this much slower than usual loses the probe at once
+WARM_UP_ABORT_FACTOR = 4.0
+SLOWDOWN = 3.0  # a step this much slower than usual probes the other count at once
 
 
 class StepThreads:
@@ -38,8 +48,9 @@ class StepThreads:
         self._other = 1 if n_threads > 1 else n_threads
         self._interval = FIRST_PROBE
         self._until_probe = FIRST_PROBE
-        self._probe_left = 0
-        self._seconds: dict[tuple[int, int], float] = {}  # (threads, sequences) -> smoothed step time
+        self._probe: list[float] | None = None  # ratios of probe steps to the usual mean
+        self._warming_up = False
+        self._recent: dict[int, deque[float]] = {}  # sequences -> recent step times, current count
 
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
         """Run a generating step of `sequences` tokens with the chosen threads, and time it."""
@@ -67,44 +78,60 @@ class StepThreads:
         """Threads for the next generating step."""
         if self.configured == 1:
             return 1
-        if self._probe_left == 0 and self._until_probe <= 0:
-            self._probe_left = PROBE_STEPS
-        return self._other if self._probe_left > 0 else self.current
+        if self._probe is None and self._until_probe <= 0:
+            self._probe, self._warming_up = [], True
+        return self._other if self._probe is not None else self.current
+
+    def usual(self, sequences: int) -> float | None:
+        """Mean time of the current count's recent steps of `sequences` tokens."""
+        recent = self._recent.get(sequences)
+        return statistics.fmean(recent) if recent else None
 
     def record(self, threads: int, sequences: int, seconds: float) -> None:
         """A generating step of `sequences` tokens took `seconds` with `threads`."""
         if self.configured == 1:
             return
-        if self._probe_left > 0 and threads == self._other:
-            self._probe_left -= 1
-            if self._probe_left == 0:
-                self._decide(sequences, seconds)
+        usual = self.usual(sequences)
+        if self._probe is not None and threads == self._other:
+            self._record_probe(sequences, seconds, usual)
             return
         self._until_probe -= 1
-        key = (threads, sequences)
-        before = self._seconds.get(key)
-        if before is None or seconds > SLOWDOWN * before:
-            # The machine changed (or this is the first such step): compare the probe with now.
-            self._seconds[key] = seconds
-            self._until_probe = 0 if before is not None else self._until_probe
-            return
-        self._seconds[key] = before + SMOOTHING * (seconds - before)
+        since_probe = self._interval - self._until_probe
+        if usual is not None and seconds > SLOWDOWN * usual and since_probe >= FIRST_PROBE:
+            self._until_probe = 0  # a busy neighbour may have arrived: compare now
+        self._recent.setdefault(sequences, deque(maxlen=WINDOW)).append(seconds)
 
-    def _decide(self, sequences: int, probe_seconds: float) -> None:
-        usual = self._seconds.get((self.current, sequences))
-        if usual is not None and probe_seconds < SWITCH_GAIN * usual:
-            log.info(
-                "Generating steps of %d sequences: %d threads took %.1f ms, %d took %.1f ms; using %d",
-                sequences,
-                self._other,
-                probe_seconds * 1000,
-                self.current,
-                usual * 1000,
-                self._other,
-            )
+    def _record_probe(self, sequences: int, seconds: float, usual: float | None) -> None:
+        assert self._probe is not None
+        warming_up, self._warming_up = self._warming_up, False
+        if usual is None:  # nothing to compare with at this batch size: not counted
+            return
+        ratio = seconds / usual
+        if ratio > (WARM_UP_ABORT_FACTOR if warming_up else ABORT_FACTOR):
+            self._end_probe(switch=False)
+            return
+        if warming_up:
+            return
+        self._probe.append(ratio)
+        if len(self._probe) == PROBE_STEPS:
+            gain = statistics.fmean(self._probe)
+            if gain < SWITCH_GAIN:
+                log.info(
+                    "Generating steps: %d threads took %.2fx the time of %d over %d steps; using %d",
+                    self._other,
+                    gain,
+                    self.current,
+                    PROBE_STEPS,
+                    self._other,
+                )
+            self._end_probe(switch=gain < SWITCH_GAIN)
+
+    def _end_probe(self, switch: bool) -> None:
+        log.debug("Probe of %d threads: %s", self._other, self._probe)
+        self._probe = None
+        if switch:
             self.current, self._other = self._other, self.current
-            self._seconds[(self.current, sequences)] = probe_seconds
-            self._interval = FIRST_PROBE
-        else:
-            self._interval = min(self._interval * 2, LONGEST_INTERVAL)
+            self._recent.clear()  # the old count's times say nothing about the new one
+        longest = LONGEST_INTERVAL if self.current == self.configured else LONGEST_INTERVAL_REDUCED
+        self._interval = min(self._interval * 2, longest) if not switch else min(self._interval, longest)
         self._until_probe = self._interval
