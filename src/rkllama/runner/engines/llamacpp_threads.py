@@ -10,10 +10,11 @@ it runs with the configured threads, now and then runs a few steps with the othe
 keeps the faster.
 
 Under contention two-thread steps are bimodal (most take 10-30 ms, some over a second), so one
-lucky step proves nothing. Steps are compared by their mean over a window, a probe ends at its
-first step far slower than usual (a lost probe costs one step), and probes that lose come ever
-more rarely (up to every 512 steps). A step far slower than the recent mean (a busy neighbour
-arrived) brings the next probe at once. Prompt chunks use the count generating steps use.
+lucky or unlucky step proves nothing. Steps are compared by their mean over a window, a probe
+ends early when its steps so far are clearly slower than usual (a lost probe costs a few
+steps), and probes that lose come ever more rarely (up to every 512 steps). A step far slower
+than the recent mean, or a recent mean well off the one measured after the last probe (a busy
+neighbour arrived or left), brings the next probe at once. Prompt chunks use the count generating steps use.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ LONGEST_INTERVAL = 512
 # gone (one thread is as fast then as before), so probes keep coming at least this often.
 LONGEST_INTERVAL_REDUCED = 128
 PROBE_STEPS = 6  # timed probe steps, after one warm-up step (it may wake a sleeping thread)
-WINDOW = 8  # recent steps of the current count whose mean is "usual"
+WINDOW = 16  # recent steps of the current count whose mean is "usual"
 SWITCH_GAIN = 0.9  # the probe's mean must be at most this share of the usual mean
-ABORT_FACTOR = 2.0  # a probe step this much slower than usual loses the probe at once
-WARM_UP_ABORT_FACTOR = 4.0
+# A probe loses at once when the mean of its steps so far (two or more) is this much slower
+# than usual, or when one step is SLOWDOWN times slower: a lost probe costs a few steps.
+ABORT_FACTOR = 1.5
 SLOWDOWN = 3.0  # a step this much slower than usual probes the other count at once
+# The recent mean this much slower or faster than when the count was last confirmed probes at
+# once too: beside one busy process two-thread steps may be steadily 2x slower, never 3x.
+DRIFT = 1.5
 
 
 class StepThreads:
@@ -51,6 +56,8 @@ class StepThreads:
         self._probe: list[float] | None = None  # ratios of probe steps to the usual mean
         self._warming_up = False
         self._recent: dict[int, deque[float]] = {}  # sequences -> recent step times, current count
+        self._baseline: dict[int, float] = {}  # sequences -> the recent mean when last compared
+        self._changed = False  # the steps' times changed: compare soon
 
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
         """Run a generating step of `sequences` tokens with the chosen threads, and time it."""
@@ -96,10 +103,19 @@ class StepThreads:
             self._record_probe(sequences, seconds, usual)
             return
         self._until_probe -= 1
-        since_probe = self._interval - self._until_probe
-        if usual is not None and seconds > SLOWDOWN * usual and since_probe >= FIRST_PROBE:
-            self._until_probe = 0  # a busy neighbour may have arrived: compare now
-        self._recent.setdefault(sequences, deque(maxlen=WINDOW)).append(seconds)
+        recent = self._recent.setdefault(sequences, deque(maxlen=WINDOW))
+        recent.append(seconds)
+        if usual is not None and seconds > SLOWDOWN * usual:
+            self._changed = True  # a busy neighbour may have arrived
+        elif len(recent) == WINDOW:
+            mean = statistics.fmean(recent)
+            baseline = self._baseline.setdefault(sequences, mean)
+            if not baseline / DRIFT <= mean <= baseline * DRIFT:
+                self._changed = True  # the machine changed (a neighbour came or went)
+        # Compare now, though not right after a probe: that one has just compared.
+        if self._changed and self._interval - self._until_probe >= FIRST_PROBE:
+            self._changed = False
+            self._until_probe = 0
 
     def _record_probe(self, sequences: int, seconds: float, usual: float | None) -> None:
         assert self._probe is not None
@@ -107,13 +123,15 @@ class StepThreads:
         if usual is None:  # nothing to compare with at this batch size: not counted
             return
         ratio = seconds / usual
-        if ratio > (WARM_UP_ABORT_FACTOR if warming_up else ABORT_FACTOR):
+        if ratio > SLOWDOWN:
             self._end_probe(switch=False)
             return
         if warming_up:
             return
         self._probe.append(ratio)
-        if len(self._probe) == PROBE_STEPS:
+        if len(self._probe) >= 2 and statistics.fmean(self._probe) > ABORT_FACTOR:
+            self._end_probe(switch=False)
+        elif len(self._probe) == PROBE_STEPS:
             gain = statistics.fmean(self._probe)
             if gain < SWITCH_GAIN:
                 log.info(
@@ -129,9 +147,13 @@ class StepThreads:
     def _end_probe(self, switch: bool) -> None:
         log.debug("Probe of %d threads: %s", self._other, self._probe)
         self._probe = None
+        self._changed = False
         if switch:
             self.current, self._other = self._other, self.current
             self._recent.clear()  # the old count's times say nothing about the new one
+            self._baseline.clear()  # set again from the first full window
+        else:  # the steps before the probe are what later steps are held against
+            self._baseline = {n: statistics.fmean(r) for n, r in self._recent.items() if len(r) == WINDOW}
         longest = LONGEST_INTERVAL if self.current == self.configured else LONGEST_INTERVAL_REDUCED
         self._interval = min(self._interval * 2, longest) if not switch else min(self._interval, longest)
         self._until_probe = self._interval
