@@ -197,6 +197,26 @@ def test_the_same_prompt_again_reuses_its_cache_though_its_answer_was_longer(sta
     assert again.prompt_eval_count == 1  # only the last prompt token, for fresh logits
 
 
+def test_new_chats_sharing_a_short_system_prompt_reuse_its_cache(start_server) -> None:
+    """A new chat takes an empty slot, so the caches of earlier chats survive it; the system
+    prompt it shares with one of them is read from that chat's cells, not evaluated again
+    (before, a shared prefix under 64 tokens was evaluated again in every slot)."""
+    client = openai.OpenAI(base_url=f"{start_server().base_url}/v1", api_key="unused")
+    system = {"role": "system", "content": "You are a storyteller who writes long stories for children."}
+    replies = [
+        client.chat.completions.create(
+            model=MODEL, messages=[system, {"role": "user", "content": question}], max_tokens=96, temperature=0
+        )
+        for question in ("Write a long story about a dragon who learns to bake bread.", "Name a fruit.")
+    ]
+    first, second = (reply.usage for reply in replies)
+    # The first answer is long: the second chat would throw away more of that cache than it
+    # reuses, so it goes to an empty slot.
+    assert first.completion_tokens == 96 and first.prompt_tokens_details.cached_tokens == 0
+    # The template's system header and the system prompt: more than a dozen tokens.
+    assert 12 <= second.prompt_tokens_details.cached_tokens < second.prompt_tokens
+
+
 def test_a_larger_num_ctx_waits_for_the_busy_model_and_reloads_it(start_server) -> None:
     """A request without num_ctx is answering when one needing a larger context arrives: the
     second waits for the first to finish, the model is reloaded, and both get 200."""

@@ -93,7 +93,7 @@ class BatchDecoder:
         self._slots = [Slot(seq_id=i) for i in range(n_parallel)]
         # In a shared pool, idle sequences' caches wait in host RAM (see llamacpp_parking).
         lot = ParkingLot(park_bytes) if unified and park_bytes > 0 else None
-        self._caches = SlotCaches(self._ctx, self._slots, lot)
+        self._caches = SlotCaches(self._ctx, self._slots, lot, unified)
         self._clock = 0  # counts jobs started and ended, to age slot caches
         self._started = 0  # jobs started, to order them (older first when the pool is full)
         self._ends = 0  # jobs ended: a paused job resumes after one more has ended

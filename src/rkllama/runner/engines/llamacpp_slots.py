@@ -12,7 +12,8 @@ from llama_cpp._internals import LlamaContext
 from .llamacpp_parking import ParkingLot
 
 # A prefix held by another slot is copied when it saves at least this many tokens of prompt
-# evaluation (a whole-stream copy costs about as much as evaluating a few dozen tokens).
+# evaluation (a whole-stream copy costs about as much as evaluating a few dozen tokens). In a
+# unified pool a donor's cells are shared, not copied, so there any saving is worth it.
 MIN_BORROWED_TOKENS = 64
 
 
@@ -58,17 +59,20 @@ class SlotCaches:
     """Where each slot's cached tokens are: in the context's KV memory, parked in host RAM
     (a shared pool with a parking lot), or nowhere (`cached` is then empty)."""
 
-    def __init__(self, ctx: LlamaContext, slots: list[Slot], lot: ParkingLot | None) -> None:
+    def __init__(self, ctx: LlamaContext, slots: list[Slot], lot: ParkingLot | None, unified: bool) -> None:
         self._ctx = ctx
         self._slots = slots
         self._lot = lot
+        self._unified = unified
 
     def prepare(self, slot: Slot, prompt: list[int]) -> None:
-        """Before `slot` takes `prompt`: park the other idle caches out of a shared pool, take
-        a longer prefix from another slot if one holds it, and bring the slot's own parked
-        cache back into the pool."""
+        """Before `slot` takes `prompt`: take a longer prefix from another slot if one holds it
+        (sharing a unified pool's cells first, before idle caches leave it), park the other idle
+        caches out of a shared pool, and bring the slot's own parked cache back into the pool."""
+        if self._unified:
+            self._borrow_prefix(slot, prompt, in_pool=True)
         self.park_idle(keep=slot)
-        self._borrow_prefix(slot, prompt)
+        self._borrow_prefix(slot, prompt, in_pool=False)
         self._unpark(slot)
 
     def forget(self, slot: Slot) -> None:
@@ -77,17 +81,18 @@ class SlotCaches:
             self._forget_parked(slot)
         slot.cached = []
 
-    def _borrow_prefix(self, slot: Slot, prompt: list[int]) -> None:
-        """Copy into `slot` the cache of another slot (busy or idle) that holds a longer prefix
-        of `prompt`, so a system prompt shared by many requests is evaluated once, not once per
-        slot. With a stream per sequence llama.cpp copies whole streams (done before the next
-        decode; the copy's tail is then dropped); in a unified pool it only shares the cells,
-        and a parked donor's state is copied back from host RAM."""
+    def _borrow_prefix(self, slot: Slot, prompt: list[int], in_pool: bool) -> None:
+        """Copy into `slot` the cache of another slot (busy or idle; `in_pool`: only one whose
+        cache is in a unified pool) that holds a longer prefix of `prompt`, so a system prompt
+        shared by many requests is evaluated once, not once per slot. With a stream per
+        sequence llama.cpp copies whole streams (done before the next decode; the copy's tail
+        is then dropped); in a unified pool it only shares the cells, and a parked donor's state
+        is copied back from host RAM."""
         own = common_prefix(slot.cached, prompt)
-        donor = max(
-            (s for s in self._slots if s is not slot), key=lambda s: common_prefix(s.cached, prompt), default=None
-        )
-        if donor is None or common_prefix(donor.cached, prompt) < own + MIN_BORROWED_TOKENS:
+        donors = [s for s in self._slots if s is not slot and not (in_pool and s.parked)]
+        donor = max(donors, key=lambda s: common_prefix(s.cached, prompt), default=None)
+        least = 1 if in_pool else MIN_BORROWED_TOKENS
+        if donor is None or common_prefix(donor.cached, prompt) < own + least:
             return
         self.forget(slot)
         if donor.parked:
