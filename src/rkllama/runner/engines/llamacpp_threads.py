@@ -16,9 +16,11 @@ steps), and probes that lose come ever more rarely (up to every 512 steps). A st
 than the recent mean, or a recent mean well off the one measured after the last probe (a busy
 neighbour arrived or left), brings the next probe at once.
 
-Prompt chunks use the count generating steps use. After an idle spell that count may be stale
-(a busy neighbour started meanwhile, and a short prompt with two threads beside it took 2.4-3.2
-s), so the chunk first asks the kernel how many tasks are running (see `crowded`).
+Prompt chunks use the count generating steps use. After an idle spell that count may be stale:
+a prompt right after a busy neighbour started runs on two spinning threads (2.4-3.2 s for a
+short one on the test VM). Asking the kernel first (/proc/loadavg) was tried and dropped: the
+threads of another process that ran a moment before counted as busy, and quiet prompts then ran
+on one thread (+80 ms to the first token; bench/RESULTS.md, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -28,11 +30,8 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 
 import llama_cpp
-
-from .cpu_threads import default_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +49,10 @@ ABORT_FACTOR = 1.5
 # The warm-up step wakes threads that slept through the steps with fewer (measured: 3-10x a
 # usual step on a quiet VM whose idle cores wake slowly); only a step slower still ends it.
 WARM_UP_LIMIT = 20.0
-IDLE_SECONDS = 0.2  # no generating step for this long: the choice may be stale (OpenMP workers sleep)
 SLOWDOWN = 3.0  # a step this much slower than usual probes the other count at once
 # The recent mean this much slower or faster than when the count was last confirmed probes at
 # once too: beside one busy process two-thread steps may be steadily 2x slower, never 3x.
 DRIFT = 1.5
-
-
-def crowded(threads: int) -> bool:
-    """Whether processes other than this thread are running on the cores that `threads - 1`
-    more threads would need (the least of three readings of the kernel's count of running
-    tasks, which includes this thread, so that a task running for a moment does not count)."""
-    try:
-        running = min(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) for _ in range(3))
-    except (OSError, ValueError, IndexError):
-        return False
-    return running - 1 > default_threads() - threads
 
 
 class StepThreads:
@@ -80,25 +67,16 @@ class StepThreads:
         self._recent: dict[int, deque[float]] = {}  # sequences -> recent step times, current count
         self._baseline: dict[int, float] = {}  # sequences -> the recent mean when last compared
         self._changed = False  # the steps' times changed: compare soon
-        self._last_step = 0.0  # when the last generating step ended (perf_counter)
 
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
         """Run a generating step of `sequences` tokens with the chosen threads, and time it."""
         threads = self.for_step()
         started = time.perf_counter()
         self._with_threads(ctx, threads, step)
-        self._last_step = time.perf_counter()
-        self.record(threads, sequences, self._last_step - started)
+        self.record(threads, sequences, time.perf_counter() - started)
 
     def run_chunk(self, ctx: llama_cpp.llama_context_p, chunk: Callable[[], None]) -> None:
-        """Run a prompt chunk with the thread count generating steps use. After an idle spell
-        their choice may be stale: if other processes now fill the cores the extra threads
-        would need, the chunk (and the steps after it, until they compare) use one thread."""
-        stale = time.perf_counter() - self._last_step > IDLE_SECONDS
-        if stale and self.current == self.configured > 1 and crowded(self.configured):
-            log.debug("Other processes fill the cores: the prompt runs with 1 thread")
-            self._end_probe(switch=True)
-            self._interval = self._until_probe = FIRST_PROBE
+        """Run a prompt chunk with the thread count generating steps use."""
         self._with_threads(ctx, self.current, chunk)
 
     def _with_threads(self, ctx: llama_cpp.llama_context_p, threads: int, work: Callable[[], None]) -> None:
