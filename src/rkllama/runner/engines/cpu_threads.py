@@ -12,12 +12,11 @@ a little, then sleep) measured 121 tok/s on a quiet 2-core VM (llama-server 117-
 one busy process, 46 tok/s (llama-server 33-40). On a VM whose idle cores wake slowly the brief
 wait cost much more (16-55 tok/s against 88 with spinning, 2026-12-06). So the default, `auto`,
 lets the batch decoder's threads spin (GOMP_SPINCOUNT=300000, libgomp's own default, as
-llama-server runs) and relies on its
-step-thread choice (llamacpp_threads) to drop to one thread, which has no barriers, beside a
-busy neighbour: measured 0.95x llama-server quiet, 1.44x beside one busy process and 1.31x
-beside two (2026-12-07 00:18). A one-at-a-time runner (NUM_PARALLEL=1, llama-cpp-python's own
-loop, no step-thread choice) keeps the brief wait. See docs/performance.md and
-bench/RESULTS.md.
+llama-server runs) and relies on its step-thread choice (llamacpp_threads) to drop to one
+thread, which has no barriers, beside a busy neighbour: measured 0.95x llama-server quiet,
+1.44x beside one busy process and 1.31x beside two (2026-12-07 00:18). A one-at-a-time runner
+(NUM_PARALLEL=1, llama-cpp-python's own loop, no step-thread choice) keeps the brief wait. See
+docs/performance.md and bench/RESULTS.md.
 """
 
 from __future__ import annotations
