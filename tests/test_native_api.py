@@ -271,7 +271,18 @@ def test_concurrent_generates_each_get_their_own_answer(server):
 
     with ThreadPoolExecutor(max_workers=len(prompts) * 2) as pool:
         answers = list(pool.map(ask, prompts * 2))
-    assert answers == expected * 2
+    # Each answer opens as its prompt's answer alone did, and the openings tell the prompts
+    # apart, so a crossed or mixed answer fails. Only the opening is compared: as with
+    # llama-server's cache_prompt, llama.cpp's logits are not bit-identical across batch
+    # splits (a reused prefix leaves the last prompt token to a batch of its own), so a near
+    # tie several tokens in may go either way ("blue. It" or "blue, but").
+    openings = [opening(text) for text in expected]
+    assert len(set(openings)) == len(prompts), expected
+    assert [opening(text) for text in answers] == openings * 2, answers
+
+
+def opening(text: str) -> str:
+    return " ".join(text.split()[:4])
 
 
 def test_client_disconnect_stops_generation(start_server):
