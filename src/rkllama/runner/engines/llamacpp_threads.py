@@ -16,6 +16,12 @@ steps), and probes that lose come ever more rarely (up to every 512 steps). A st
 than the recent mean, or a recent mean well off the one measured after the last probe (a busy
 neighbour arrived or left), brings the next probe at once.
 
+The first step after a prompt chunk or an idle spell is not timed: it is often several times
+slower than the steps that follow (threads waking, the client and server busy with the previous
+answer), and requests of a token or two would otherwise fill the window with such steps and make
+one thread look faster (measured: ten two-token requests took the next long answer to one
+thread, 55 tok/s against 127).
+
 Prompt chunks use the count generating steps use. After an idle spell that count may be stale:
 a prompt right after a busy neighbour started runs on two spinning threads (2.4-3.2 s for a
 short one on the test VM). Asking the kernel first (/proc/loadavg) was tried and dropped: the
@@ -53,6 +59,7 @@ SLOWDOWN = 3.0  # a step this much slower than usual probes the other count at o
 # The recent mean this much slower or faster than when the count was last confirmed probes at
 # once too: beside one busy process two-thread steps may be steadily 2x slower, never 3x.
 DRIFT = 1.5
+IDLE_SPELL = 0.05  # seconds without a step or chunk after which the next step is not timed
 
 
 class StepThreads:
@@ -67,17 +74,25 @@ class StepThreads:
         self._recent: dict[int, deque[float]] = {}  # sequences -> recent step times, current count
         self._baseline: dict[int, float] = {}  # sequences -> the recent mean when last compared
         self._changed = False  # the steps' times changed: compare soon
+        self._last_end: float | None = None  # when the last step or chunk ended
+        self._after_chunk = False
 
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
-        """Run a generating step of `sequences` tokens with the chosen threads, and time it."""
+        """Run a generating step of `sequences` tokens with the chosen threads, and time it
+        unless it is the first after a prompt chunk or an idle spell."""
         threads = self.for_step()
         started = time.perf_counter()
         self._with_threads(ctx, threads, step)
-        self.record(threads, sequences, time.perf_counter() - started)
+        ended = time.perf_counter()
+        idle = self._last_end is None or started - self._last_end > IDLE_SPELL
+        if not (idle or self._after_chunk):
+            self.record(threads, sequences, ended - started)
+        self._last_end, self._after_chunk = ended, False
 
     def run_chunk(self, ctx: llama_cpp.llama_context_p, chunk: Callable[[], None]) -> None:
         """Run a prompt chunk with the thread count generating steps use."""
         self._with_threads(ctx, self.current, chunk)
+        self._last_end, self._after_chunk = time.perf_counter(), True
 
     def _with_threads(self, ctx: llama_cpp.llama_context_p, threads: int, work: Callable[[], None]) -> None:
         """Run `work` with `threads`; the context keeps the configured count otherwise."""
