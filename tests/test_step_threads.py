@@ -40,20 +40,23 @@ def answer(
     tokens: int,
     first_step_ms: float | None = None,
     two_threads_ms: float = TWO_THREADS_MS,
+    one_thread_ms: float = ONE_THREAD_MS,
+    sequences: int = 1,
 ) -> list[int]:
-    """One request: its prompt, then `tokens` generating steps; the threads each step used."""
+    """One request (or `sequences` decoding together): a prompt, then `tokens` generating
+    steps; the threads each step used."""
     choice.run_chunk(None, lambda: clock.advance(PROMPT_MS))
     used: list[int] = []
     for index in range(tokens):
-        threads = choice.for_step()
+        threads = choice.for_step(sequences)
 
         def step(threads: int = threads, index: int = index) -> None:
             if index == 0 and first_step_ms is not None:
                 clock.advance(first_step_ms)
             else:
-                clock.advance(two_threads_ms if threads == 2 else ONE_THREAD_MS)
+                clock.advance(two_threads_ms if threads == 2 else one_thread_ms)
 
-        choice.run(None, 1, step)
+        choice.run(None, sequences, step)
         used.append(threads)
         clock.advance(0.5)  # sampling and sending the token
     return used
@@ -72,8 +75,30 @@ def test_slow_first_steps_of_short_requests_do_not_make_one_thread_look_faster(c
 
 
 def test_a_steadily_faster_single_thread_is_chosen(clock: ScriptedClock) -> None:
-    """The check above can fail: when one thread is really faster, the choice takes it."""
+    """The checks here can fail: when one thread is really faster, the choice takes it."""
     choice = StepThreads(2)
     used = answer(choice, clock, 128, two_threads_ms=40.0)  # two threads beside a busy process
     assert choice.current == 1
     assert used[-1] == 1
+
+
+def test_one_thread_chosen_for_single_sequences_leaves_four_sequence_steps_on_two(clock: ScriptedClock) -> None:
+    """Times measured under open-loop load beside a busy client: one sequence 40 ms on two
+    threads and 17 on one; four sequences 51 ms on two threads and 116 on one."""
+    choice = StepThreads(2)
+    single = answer(choice, clock, 128, two_threads_ms=40.0, one_thread_ms=17.0)
+    assert single[-1] == 1
+    four = answer(choice, clock, 128, two_threads_ms=51.0, one_thread_ms=116.0, sequences=4)
+    # One thread only in probes, each over after its warm-up and at most PROBE_STEPS steps.
+    assert longest_run(four, threads=1) <= 1 + llamacpp_threads.PROBE_STEPS
+    assert choice.current == 2
+    # ...and single-sequence steps keep their own choice.
+    assert choice.for_step(1) == 1
+
+
+def longest_run(used: list[int], threads: int) -> int:
+    longest = run = 0
+    for count in used:
+        run = run + 1 if count == threads else 0
+        longest = max(longest, run)
+    return longest

@@ -22,7 +22,12 @@ answer), and requests of a token or two would otherwise fill the window with suc
 one thread look faster (measured: ten two-token requests took the next long answer to one
 thread, 55 tok/s against 127).
 
-Prompt chunks use the count generating steps use. After an idle spell that count may be stale:
+Each number of sequences in a step has its own choice: beside a busy process one thread may
+win for one sequence and lose by 2x for four (measured under open-loop load: four-sequence
+steps on one thread took 116 ms against 51 on two, while the choice made for single-sequence
+steps held them there for 15 s).
+
+Prompt chunks use the count of the latest generating step. After an idle spell that count may be stale:
 a prompt right after a busy neighbour started runs on two spinning threads (2.4-3.2 s for a
 short one on the test VM). Asking the kernel first (/proc/loadavg) was tried and dropped: the
 threads of another process that ran a moment before counted as busy, and quiet prompts then ran
@@ -63,34 +68,44 @@ IDLE_SPELL = 0.05  # seconds without a step or chunk after which the next step i
 
 
 class StepThreads:
+    """The threads of each generating step, chosen per number of sequences in the step."""
+
     def __init__(self, n_threads: int) -> None:
         self.configured = n_threads
-        self.current = n_threads
-        self._other = 1 if n_threads > 1 else n_threads
-        self._interval = FIRST_PROBE
-        self._until_probe = FIRST_PROBE
-        self._probe: list[float] | None = None  # ratios of probe steps to the usual mean
-        self._warming_up = False
-        self._recent: dict[int, deque[float]] = {}  # sequences -> recent step times, current count
-        self._baseline: dict[int, float] = {}  # sequences -> the recent mean when last compared
-        self._changed = False  # the steps' times changed: compare soon
+        self._choices: dict[int, ThreadChoice] = {}  # sequences in a step -> its choice
+        self._latest = 1  # sequences in the latest generating step
         self._last_end: float | None = None  # when the last step or chunk ended
         self._after_chunk = False
+
+    @property
+    def current(self) -> int:
+        """Threads chosen for steps like the latest one (prompt chunks use them too)."""
+        return self.choice(self._latest).current
+
+    def choice(self, sequences: int) -> ThreadChoice:
+        if sequences not in self._choices:
+            self._choices[sequences] = ThreadChoice(self.configured, sequences)
+        return self._choices[sequences]
+
+    def for_step(self, sequences: int) -> int:
+        """Threads for the next generating step of `sequences` tokens."""
+        return self.choice(sequences).for_step()
 
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
         """Run a generating step of `sequences` tokens with the chosen threads, and time it
         unless it is the first after a prompt chunk or an idle spell."""
-        threads = self.for_step()
+        choice = self.choice(sequences)
+        threads = choice.for_step()
         started = time.perf_counter()
         self._with_threads(ctx, threads, step)
         ended = time.perf_counter()
         idle = self._last_end is None or started - self._last_end > IDLE_SPELL
         if not (idle or self._after_chunk):
-            self.record(threads, sequences, ended - started)
-        self._last_end, self._after_chunk = ended, False
+            choice.record(threads, ended - started)
+        self._last_end, self._after_chunk, self._latest = ended, False, sequences
 
     def run_chunk(self, ctx: llama_cpp.llama_context_p, chunk: Callable[[], None]) -> None:
-        """Run a prompt chunk with the thread count generating steps use."""
+        """Run a prompt chunk with the thread count of the latest generating step."""
         self._with_threads(ctx, self.current, chunk)
         self._last_end, self._after_chunk = time.perf_counter(), True
 
@@ -105,46 +120,62 @@ class StepThreads:
         finally:
             llama_cpp.llama_set_n_threads(ctx, self.configured, self.configured)
 
+
+class ThreadChoice:
+    """The thread count for generating steps of one number of sequences, kept by measuring."""
+
+    def __init__(self, configured: int, sequences: int) -> None:
+        self.configured = configured
+        self.sequences = sequences
+        self.current = configured
+        self._other = 1 if configured > 1 else configured
+        self._interval = FIRST_PROBE
+        self._until_probe = FIRST_PROBE
+        self._probe: list[float] | None = None  # ratios of probe steps to the usual mean
+        self._warming_up = False
+        self._recent: deque[float] = deque(maxlen=WINDOW)  # recent step times, current count
+        self._baseline: float | None = None  # the recent mean when last compared
+        self._changed = False  # the steps' times changed: compare soon
+
     def for_step(self) -> int:
-        """Threads for the next generating step."""
+        """Threads for the next step."""
         if self.configured == 1:
             return 1
         if self._probe is None and self._until_probe <= 0:
             self._probe, self._warming_up = [], True
         return self._other if self._probe is not None else self.current
 
-    def usual(self, sequences: int) -> float | None:
-        """Mean time of the current count's recent steps of `sequences` tokens."""
-        recent = self._recent.get(sequences)
-        return statistics.fmean(recent) if recent else None
+    def usual(self) -> float | None:
+        """Mean time of the current count's recent steps."""
+        return statistics.fmean(self._recent) if self._recent else None
 
-    def record(self, threads: int, sequences: int, seconds: float) -> None:
-        """A generating step of `sequences` tokens took `seconds` with `threads`."""
+    def record(self, threads: int, seconds: float) -> None:
+        """A step took `seconds` with `threads`."""
         if self.configured == 1:
             return
-        usual = self.usual(sequences)
+        usual = self.usual()
         if self._probe is not None and threads == self._other:
-            self._record_probe(sequences, seconds, usual)
+            self._record_probe(seconds, usual)
             return
         self._until_probe -= 1
-        recent = self._recent.setdefault(sequences, deque(maxlen=WINDOW))
-        recent.append(seconds)
+        self._recent.append(seconds)
         if usual is not None and seconds > SLOWDOWN * usual:
             self._changed = True  # a busy neighbour may have arrived
-        elif len(recent) == WINDOW:
-            mean = statistics.fmean(recent)
-            baseline = self._baseline.setdefault(sequences, mean)
-            if not baseline / DRIFT <= mean <= baseline * DRIFT:
+        elif len(self._recent) == WINDOW:
+            mean = statistics.fmean(self._recent)
+            if self._baseline is None:
+                self._baseline = mean
+            if not self._baseline / DRIFT <= mean <= self._baseline * DRIFT:
                 self._changed = True  # the machine changed (a neighbour came or went)
         # Compare now, though not right after a probe: that one has just compared.
         if self._changed and self._interval - self._until_probe >= FIRST_PROBE:
             self._changed = False
             self._until_probe = 0
 
-    def _record_probe(self, sequences: int, seconds: float, usual: float | None) -> None:
+    def _record_probe(self, seconds: float, usual: float | None) -> None:
         assert self._probe is not None
         warming_up, self._warming_up = self._warming_up, False
-        if usual is None:  # nothing to compare with at this batch size: not counted
+        if usual is None:  # nothing to compare with yet: not counted
             return
         ratio = seconds / usual
         if ratio > (WARM_UP_LIMIT if warming_up else SLOWDOWN):
@@ -159,7 +190,8 @@ class StepThreads:
             gain = statistics.fmean(self._probe)
             if gain < SWITCH_GAIN:
                 log.info(
-                    "Generating steps: %d threads took %.2fx the time of %d over %d steps; using %d",
+                    "Generating steps of %d sequences: %d threads took %.2fx the time of %d over %d steps; using %d",
+                    self.sequences,
                     self._other,
                     gain,
                     self.current,
@@ -169,15 +201,15 @@ class StepThreads:
             self._end_probe(switch=gain < SWITCH_GAIN)
 
     def _end_probe(self, switch: bool) -> None:
-        log.debug("Probe of %d threads: %s", self._other, self._probe)
+        log.debug("Probe of %d threads for %d sequences: %s", self._other, self.sequences, self._probe)
         self._probe = None
         self._changed = False
         if switch:
             self.current, self._other = self._other, self.current
             self._recent.clear()  # the old count's times say nothing about the new one
-            self._baseline.clear()  # set again from the first full window
+            self._baseline = None  # set again from the first full window
         else:  # the steps before the probe are what later steps are held against
-            self._baseline = {n: statistics.fmean(r) for n, r in self._recent.items() if len(r) == WINDOW}
+            self._baseline = statistics.fmean(self._recent) if len(self._recent) == WINDOW else None
         longest = LONGEST_INTERVAL if self.current == self.configured else LONGEST_INTERVAL_REDUCED
         self._interval = min(self._interval * 2, longest) if not switch else min(self._interval, longest)
         self._until_probe = self._interval
