@@ -19,8 +19,8 @@ neighbour arrived or left), brings the next probe at once.
 The first step after a prompt chunk or an idle spell is not timed: it is often several times
 slower than the steps that follow (threads waking, the client and server busy with the previous
 answer), and requests of a token or two would otherwise fill the window with such steps and make
-one thread look faster (measured: ten two-token requests took the next long answer to one
-thread, 55 tok/s against 127).
+one thread look faster (measured: after six two-token requests the next long answer ran on one
+thread at 55 tok/s, against 94 with this rule).
 
 Each number of sequences in a step has its own choice: beside a busy process one thread may
 win for one sequence and lose by 2x for four (measured under open-loop load: four-sequence
