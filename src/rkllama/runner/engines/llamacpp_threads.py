@@ -27,11 +27,11 @@ win for one sequence and lose by 2x for four (measured under open-loop load: fou
 steps on one thread took 116 ms against 51 on two, while the choice made for single-sequence
 steps held them there for 15 s).
 
-Prompt chunks use the count of the latest generating step. After an idle spell that count may be stale:
-a prompt right after a busy neighbour started runs on two spinning threads (2.4-3.2 s for a
-short one on the test VM). Asking the kernel first (/proc/loadavg) was tried and dropped: the
-threads of another process that ran a moment before counted as busy, and quiet prompts then ran
-on one thread (+80 ms to the first token; bench/RESULTS.md, 2026-12-07).
+Prompt chunks use the count of the latest generating step. After an idle spell that count may
+be stale: a prompt right after a busy neighbour started runs on two spinning threads (2.4-3.2 s
+for a short one on the test VM). Asking the kernel first (/proc/loadavg) was tried and dropped:
+the threads of another process that ran a moment before counted as busy, and quiet prompts then
+ran on one thread (+80 ms to the first token; bench/RESULTS.md, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -86,10 +86,6 @@ class StepThreads:
         if sequences not in self._choices:
             self._choices[sequences] = ThreadChoice(self.configured, sequences)
         return self._choices[sequences]
-
-    def for_step(self, sequences: int) -> int:
-        """Threads for the next generating step of `sequences` tokens."""
-        return self.choice(sequences).for_step()
 
     def run(self, ctx: llama_cpp.llama_context_p, sequences: int, step: Callable[[], None]) -> None:
         """Run a generating step of `sequences` tokens with the chosen threads, and time it
